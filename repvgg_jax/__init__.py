@@ -1,0 +1,18 @@
+"""repvgg-jax: RepVGG ("Making VGG-style ConvNets Great Again") in JAX/Flax.
+
+    import repvgg_jax as rv
+    model = rv.create_model('RepVGG-A0')               # training-time structure
+    deploy = rv.create_model('RepVGG-A0', deploy=True)  # plain 3x3 conv + ReLU stack
+    deploy_vars = rv.reparameterize(model.init(key, x))
+"""
+
+from repvgg_jax.models import RepVGG, count_params, create_model, deploy_macs, layer_specs
+from repvgg_jax.reparam import reparameterize
+from repvgg_jax.variants import VARIANTS, Variant, get_variant, list_models
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'RepVGG', 'VARIANTS', 'Variant', 'count_params', 'create_model', 'deploy_macs',
+    'get_variant', 'layer_specs', 'list_models', 'reparameterize',
+]

@@ -1,0 +1,178 @@
+"""RepVGG and RepVGGplus in both structures, and ``create_model``.
+
+The same module class builds the training-time structure (three branches per block,
+BatchNorm statistics in ``batch_stats``) and, with ``deploy=True``, the inference
+structure (a plain stack of biased 3x3 convs and ReLUs). ``repvgg_jax.reparameterize``
+maps the variables of the first onto those of the second.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterator, NamedTuple, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from repvgg_jax.blocks import ConvBN, Dtype, Precision, RepVGGBlock
+from repvgg_jax.variants import Variant, get_variant
+
+
+class LayerSpec(NamedTuple):
+  """One RepVGG block: where it sits and what it computes."""
+  stage: str       # parameter-tree name of its stage, e.g. 'stage2' or 'stage3_first'
+  index: int       # position within the stage
+  features: int
+  strides: int
+  groups: int
+
+
+def layer_specs(variant: Variant) -> Iterator[LayerSpec]:
+  """The blocks of ``variant`` in order, the stem first (global layer index 0)."""
+  yield LayerSpec('stage0', 0, variant.stem_width, 2, 1)
+  layer = 1
+  for stage, (width, depth) in enumerate(zip(variant.stage_widths, variant.depths), 1):
+    for i in range(depth):
+      name, index = f'stage{stage}', i
+      if variant.plus and stage == 3:
+        # RepVGGplus splits stage 3 in halves to hang an auxiliary head in the middle.
+        half = depth // 2
+        name, index = ('stage3_first', i) if i < half else ('stage3_second', i - half)
+      yield LayerSpec(name, index, width, 2 if i == 0 else 1, variant.layer_groups(layer))
+      layer += 1
+
+
+def stage_names(variant: Variant) -> list[str]:
+  return list(dict.fromkeys(spec.stage for spec in layer_specs(variant)))
+
+
+# Stages after which RepVGGplus attaches an auxiliary classifier during training.
+AUX_STAGES = ('stage1', 'stage2', 'stage3_first')
+
+
+class AuxHead(nn.Module):
+  """RepVGGplus auxiliary classifier: 3x3/2 conv-BN-ReLU, global mean, linear."""
+  num_classes: int
+  dtype: Dtype = jnp.float32
+  precision: Precision = None
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = ConvBN(x.shape[-1], 3, strides=2, dtype=self.dtype, precision=self.precision,
+               bn_axis_name=self.bn_axis_name, name='downsample')(x, train)
+    x = jnp.mean(nn.relu(x), axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, precision=self.precision, name='fc')(x)
+    return x.astype(jnp.float32)
+
+
+class RepVGG(nn.Module):
+  """RepVGG / RepVGGplus classifier (NHWC input).
+
+  Attributes:
+    variant: the architecture, see ``repvgg_jax.variants``.
+    num_classes: classifier outputs; 0 returns the pooled features instead of logits.
+    deploy: build the inference structure.
+    dtype: compute dtype (parameters stay float32); logits are returned as float32.
+    precision: matmul/conv precision, e.g. ``'highest'`` for exact float32 on GPU/TPU.
+    bn_axis_name: mapped axis over which training-time BatchNorm statistics are
+      averaged (the ``axis_name`` of ``jax.pmap``/``shard_map``), None for local.
+  """
+  variant: Variant
+  num_classes: int = 1000
+  deploy: bool = False
+  dtype: Dtype = jnp.float32
+  precision: Precision = None
+  bn_axis_name: Optional[str] = None
+
+  def setup(self):
+    v = self.variant
+    block = functools.partial(
+        RepVGGBlock, se=v.se, se_reduction=v.se_reduction, deploy=self.deploy,
+        dtype=self.dtype, precision=self.precision, bn_axis_name=self.bn_axis_name)
+    stages: dict[str, list[RepVGGBlock]] = {}
+    for spec in layer_specs(v):
+      stages.setdefault(spec.stage, []).append(
+          block(spec.features, strides=spec.strides, groups=spec.groups))
+    self.stage0 = stages.pop('stage0')[0]
+    for name, blocks in stages.items():
+      setattr(self, name, blocks)  # Flax names list members '<attr>_<i>', e.g. 'stage2_3'.
+    if self.num_classes:
+      self.linear = nn.Dense(self.num_classes, dtype=self.dtype, precision=self.precision)
+    if v.plus and not self.deploy:
+      for name in AUX_STAGES:
+        setattr(self, f'{name}_aux', AuxHead(self.num_classes, self.dtype, self.precision,
+                                             self.bn_axis_name))
+
+  def _stage_outputs(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+    if x.ndim != 4:
+      raise ValueError(f'expected an NHWC batch of images (4 dims), got shape {x.shape}')
+    outputs = {'stage0': self.stage0(x, train)}
+    x = outputs['stage0']
+    for name in stage_names(self.variant)[1:]:
+      for blk in getattr(self, name):
+        x = blk(x, train)
+      outputs[name] = x
+    return outputs
+
+  def features(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    """The feature pyramid: outputs of stage0..stage4, at strides 2, 4, 8, 16, 32.
+
+    Use as ``model.apply(variables, x, method='features')``, in either structure.
+    """
+    outputs = self._stage_outputs(x, train)
+    if 'stage3_second' in outputs:
+      outputs['stage3'] = outputs.pop('stage3_second')
+      del outputs['stage3_first']
+    return {f'stage{i}': outputs[f'stage{i}'] for i in range(5)}
+
+  def __call__(self, x: jax.Array, train: bool = False
+               ) -> Union[jax.Array, dict[str, jax.Array]]:
+    """Logits ``[N, num_classes]`` (float32).
+
+    A training-time RepVGGplus called with ``train=True`` returns a dict with the
+    main logits under ``'main'`` and each auxiliary head's under ``'<stage>_aux'``.
+    """
+    outputs = self._stage_outputs(x, train)
+    pooled = jnp.mean(outputs['stage4'], axis=(1, 2))
+    logits = (self.linear(pooled) if self.num_classes else pooled).astype(jnp.float32)
+    # The aux heads also run while initializing, so that init(train=False) creates them.
+    if self.variant.plus and not self.deploy and (train or self.is_initializing()):
+      aux = {f'{name}_aux': getattr(self, f'{name}_aux')(outputs[name], train)
+             for name in AUX_STAGES}
+      if train:
+        return {'main': logits, **aux}
+    return logits
+
+
+def create_model(name: str, num_classes: int = 1000, deploy: bool = False,
+                 dtype: Dtype = jnp.float32, precision: Precision = None,
+                 bn_axis_name: Optional[str] = None) -> RepVGG:
+  """The RepVGG called ``name`` (see ``list_models()``), training-time or deploy."""
+  return RepVGG(get_variant(name), num_classes=num_classes, deploy=deploy, dtype=dtype,
+                precision=precision, bn_axis_name=bn_axis_name)
+
+
+def deploy_macs(name: str, image_size: Union[int, tuple[int, int]] = 224,
+                num_classes: int = 1000) -> int:
+  """Multiply-accumulates of one forward pass of the deploy structure.
+
+  Counts the 3x3 convs, the SE blocks and the classifier (biases, ReLU and pooling are
+  not MACs), i.e. what the paper's tables call FLOPs.
+  """
+  v = get_variant(name)
+  h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+  channels, macs = 3, 0
+  for spec in layer_specs(v):
+    h, w = -(-h // spec.strides), -(-w // spec.strides)
+    macs += h * w * 9 * (channels // spec.groups) * spec.features
+    if v.se:
+      macs += 2 * spec.features * (spec.features // v.se_reduction)
+    channels = spec.features
+  return macs + channels * num_classes
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalars in a pytree, e.g. ``variables['params']``."""
+  return sum(x.size for x in jax.tree_util.tree_leaves(tree))
