@@ -1,0 +1,488 @@
+"""Training and evaluation batches for RepVGG: Fashion-MNIST, TFDS datasets, image folders.
+
+Datasets (the ``dataset`` argument):
+
+* ``'fashion_mnist'``: read from Debian's ``dataset-fashion-mnist`` files in
+  ``/usr/share/datasets/fashion-mnist`` when present (no network), else through TFDS;
+* ``'imagenet2012'``: the user's TFDS build in ``data_dir`` (a clear error with the steps to
+  build it when it is not prepared);
+* ``'tfds:<name>'`` or a plain TFDS name: any TFDS image-classification dataset (downloaded and
+  prepared by TFDS when needed);
+* ``'folder:/path/to/root'``: ``root/train/<class>/*`` and ``root/val/<class>/*`` images.
+
+Small datasets (Fashion-MNIST, folders, TFDS datasets whose decoded training split fits in
+``IN_MEMORY_LIMIT_BYTES``) are decoded once into numpy and augmented with vectorized numpy in
+a background thread. Bigger TFDS datasets (ImageNet) are streamed with tf.data.
+
+Determinism. The training batch at step ``s`` is a pure function of (dataset, seed, s,
+global batch size): in-memory datasets walk a seeded permutation per epoch, and every random
+choice of the augmentation is a hash of (seed, step, position in the global batch). Process
+``p`` of ``P`` receives rows ``[p*B/P, (p+1)*B/P)`` of that global batch, so ``start_step``
+resumes exactly and any process count sees the same global batches. Streamed datasets are
+the exception allowed for their size: each process reads its own shard of the split
+(``tfds.even_splits``) in a seeded order, so their batches depend on the process count,
+but resuming by step is still exact for the same process count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import math
+import os
+import queue
+import threading
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from repvgg_jax import autoaugment
+from repvgg_jax.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+
+DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+# TFDS datasets whose decoded training images are smaller than this are held in memory.
+IN_MEMORY_LIMIT_BYTES = 4 << 30
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+AUGMENTATIONS = ('simple', 'autoaugment')
+ACCEPTED_DATASETS = ("'fashion_mnist', 'imagenet2012', 'tfds:<name>' or the plain name of a "
+                     "TFDS image-classification dataset, or 'folder:/path/to/root' (with "
+                     "train/<class>/ and val/<class>/ image sub-folders)")
+# Random-resized-crop aspect ratios, and how many crops are tried before the centre fallback
+# (torchvision's RandomResizedCrop).
+CROP_RATIO = (3 / 4, 4 / 3)
+CROP_ATTEMPTS = 10
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the trainer needs to know about a dataset."""
+  name: str
+  num_classes: int
+  num_train: int
+  num_eval: int
+  channels: int
+  mean: tuple[float, ...]  # per channel, pixel units [0, 255]
+  std: tuple[float, ...]
+
+
+# ------------------------------------------------------------------------------------------
+# Randomness: a counter-based hash, so that every draw is a pure function of its key.
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+  """SplitMix64's finalizer: a bijective scrambling of uint64 values."""
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seed: int, step: int, positions: np.ndarray, count: int) -> np.ndarray:
+  """``count`` uniform floats in [0, 1) for each position of the global batch of ``step``:
+  shape ``[len(positions), count]``, a pure function of (seed, step, position, column)."""
+  golden = np.uint64(0x9E3779B97F4A7C15)
+  key = _mix64(np.asarray([seed & (2**64 - 1)], np.uint64) + golden)
+  key = _mix64(key ^ np.uint64(step & (2**64 - 1)))
+  key = _mix64(key + np.asarray(positions, np.uint64) * golden)
+  counters = key[:, None] + (np.arange(1, count + 1, dtype=np.uint64) * golden)[None, :]
+  # The top 53 bits make an exactly representable double in [0, 1).
+  return (_mix64(counters) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+# Columns of the per-position draws: crop areas, crop log-ratios, crop offsets, flip,
+# then AutoAugment's own.
+_AREA = slice(0, CROP_ATTEMPTS)
+_RATIO = slice(CROP_ATTEMPTS, 2 * CROP_ATTEMPTS)
+_TOP, _LEFT, _FLIP = 2 * CROP_ATTEMPTS, 2 * CROP_ATTEMPTS + 1, 2 * CROP_ATTEMPTS + 2
+_AUTOAUGMENT = slice(2 * CROP_ATTEMPTS + 3, 2 * CROP_ATTEMPTS + 3 + autoaugment.NUM_DRAWS)
+NUM_DRAWS = 2 * CROP_ATTEMPTS + 3 + autoaugment.NUM_DRAWS
+
+
+def train_draws(seed: int, step: int, positions: np.ndarray) -> np.ndarray:
+  """All random numbers that augment the given positions of the global batch of ``step``."""
+  return uniforms(seed, step, positions, NUM_DRAWS)
+
+
+# ------------------------------------------------------------------------------------------
+# Geometry, shared by the in-memory and the streamed paths.
+
+
+def random_resized_crop_boxes(draws: np.ndarray, heights: np.ndarray, widths: np.ndarray,
+                              min_scale: float) -> tuple[np.ndarray, ...]:
+  """Integer crop boxes ``(top, left, height, width)`` of torchvision's RandomResizedCrop:
+  area a uniform fraction in [min_scale, 1] of the image, aspect ratio log-uniform in
+  CROP_RATIO; the first of CROP_ATTEMPTS tries that fits, else a centre crop of the whole
+  image clamped to CROP_RATIO."""
+  heights = np.asarray(heights, np.int64)[:, None]
+  widths = np.asarray(widths, np.int64)[:, None]
+  area = heights * widths * (min_scale + (1 - min_scale) * draws[:, _AREA])
+  log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+  ratio = np.exp(log_lo + (log_hi - log_lo) * draws[:, _RATIO])
+  crop_w = np.round(np.sqrt(area * ratio)).astype(np.int64)
+  crop_h = np.round(np.sqrt(area / ratio)).astype(np.int64)
+  fits = (crop_w > 0) & (crop_w <= widths) & (crop_h > 0) & (crop_h <= heights)
+  first = np.argmax(fits, axis=1)
+  rows = np.arange(len(draws))
+  found = fits[rows, first]
+  heights, widths = heights[:, 0], widths[:, 0]
+  # The fallback: the whole image, cut to the nearest allowed aspect ratio.
+  in_ratio = widths / heights
+  fallback_w = np.where(in_ratio > CROP_RATIO[1],
+                        np.round(heights * CROP_RATIO[1]).astype(np.int64), widths)
+  fallback_h = np.where(in_ratio < CROP_RATIO[0],
+                        np.round(widths / CROP_RATIO[0]).astype(np.int64), heights)
+  crop_h = np.where(found, crop_h[rows, first], fallback_h)
+  crop_w = np.where(found, crop_w[rows, first], fallback_w)
+  top = np.where(found, np.floor(draws[:, _TOP] * (heights - crop_h + 1)),
+                 (heights - crop_h) // 2).astype(np.int64)
+  left = np.where(found, np.floor(draws[:, _LEFT] * (widths - crop_w + 1)),
+                  (widths - crop_w) // 2).astype(np.int64)
+  return top, left, crop_h, crop_w
+
+
+def centre_crop_geometry(height: int, width: int, image_size: int,
+                         crop_fraction: float) -> tuple[int, int, int, int]:
+  """Evaluation: the shorter side is resized to ``image_size / crop_fraction`` and the
+  centre ``image_size`` square is cut. Returns ``(resized_h, resized_w, top, left)``."""
+  shorter = int(round(image_size / crop_fraction))
+  scale = shorter / min(height, width)
+  resized_h = max(image_size, int(round(height * scale)))
+  resized_w = max(image_size, int(round(width * scale)))
+  return resized_h, resized_w, (resized_h - image_size) // 2, (resized_w - image_size) // 2
+
+
+def _bilinear(store: np.ndarray, index: np.ndarray, top: np.ndarray, left: np.ndarray,
+              height: np.ndarray, width: np.ndarray, size: int) -> np.ndarray:
+  """Boxes of images of ``store[index]`` resampled to ``size x size`` with bilinear
+  interpolation at half-pixel centres (what tf.image.resize does on a cropped image), as
+  float32 ``[len(index), size, size, C]``. Box coordinates may be fractional."""
+  _, full_h, full_w, _ = store.shape
+  steps = (np.arange(size) + 0.5) / size
+
+  def coordinates(start, extent, limit):
+    pos = np.asarray(start, np.float64)[:, None] + steps[None, :] * np.asarray(
+        extent, np.float64)[:, None] - 0.5
+    pos = np.clip(pos, 0, limit - 1)
+    low = np.floor(pos).astype(np.int64)
+    high = np.minimum(low + 1, limit - 1)
+    return low, high, (pos - low).astype(np.float32)
+
+  y0, y1, wy = coordinates(top, height, full_h)
+  x0, x1, wx = coordinates(left, width, full_w)
+  n = np.asarray(index)[:, None, None]
+
+  def gather(ys, xs):
+    return store[n, ys[:, :, None], xs[:, None, :]].astype(np.float32)
+
+  wy, wx = wy[:, :, None, None], wx[:, None, :, None]
+  top_row = gather(y0, x0) * (1 - wx) + gather(y0, x1) * wx
+  bottom_row = gather(y1, x0) * (1 - wx) + gather(y1, x1) * wx
+  return top_row * (1 - wy) + bottom_row * wy
+
+
+class _Images:
+  """Decoded uint8 HWC images: one stacked array when they share a shape, else a list."""
+
+  def __init__(self, images: Union[np.ndarray, Sequence[np.ndarray]]):
+    shapes = {image.shape for image in images}
+    self.images = np.stack(images) if len(shapes) == 1 and not isinstance(
+        images, np.ndarray) else images
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def shapes(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(self.images, np.ndarray):
+      count = len(index)
+      return (np.full(count, self.images.shape[1]), np.full(count, self.images.shape[2]))
+    return (np.array([self.images[i].shape[0] for i in index]),
+            np.array([self.images[i].shape[1] for i in index]))
+
+  def resample(self, index: np.ndarray, top: np.ndarray, left: np.ndarray,
+               height: np.ndarray, width: np.ndarray, size: int) -> np.ndarray:
+    if isinstance(self.images, np.ndarray):
+      return _bilinear(self.images, index, top, left, height, width, size)
+    return np.concatenate([
+        _bilinear(self.images[i][None], np.zeros(1, np.int64), top[k:k + 1],
+                  left[k:k + 1], height[k:k + 1], width[k:k + 1], size)
+        for k, i in enumerate(index)])
+
+
+# ------------------------------------------------------------------------------------------
+# Dataset sources.
+
+
+@dataclasses.dataclass
+class _InMemory:
+  info: DatasetInfo
+  train_images: _Images
+  train_labels: np.ndarray
+  eval_images: _Images
+  eval_labels: np.ndarray
+
+
+def _pixel_statistics(images: _Images) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel mean and standard deviation of the pixels, in [0, 255] units."""
+  if isinstance(images.images, np.ndarray):
+    channels = images.images.shape[-1]
+    pixels = images.images.reshape(-1, channels)
+    total, total_sq, count = (pixels.sum(0, np.float64),
+                              np.square(pixels, dtype=np.float64).sum(0), len(pixels))
+  else:
+    total = sum(image.reshape(-1, image.shape[-1]).sum(0, np.float64) for image in images.images)
+    total_sq = sum(np.square(image.reshape(-1, image.shape[-1]), dtype=np.float64).sum(0)
+                   for image in images.images)
+    count = sum(image.shape[0] * image.shape[1] for image in images.images)
+  mean = total / count
+  std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
+  return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def _in_memory(name: str, train_images: _Images, train_labels: np.ndarray,
+               eval_images: _Images, eval_labels: np.ndarray, num_classes: int) -> _InMemory:
+  mean, std = _pixel_statistics(train_images)
+  channels = len(mean)
+  info = DatasetInfo(name=name, num_classes=num_classes, num_train=len(train_images),
+                     num_eval=len(eval_images), channels=channels, mean=mean, std=std)
+  return _InMemory(info, train_images, train_labels.astype(np.int32), eval_images,
+                   eval_labels.astype(np.int32))
+
+
+def _read_idx(path: str) -> np.ndarray:
+  """An IDX file (MNIST's format): big-endian int32 magic (ubyte data, ndim), then the
+  dimensions, then the data."""
+  with gzip.open(path, 'rb') as f:
+    raw = f.read()
+  ndim = raw[3]
+  shape = np.frombuffer(raw, '>i4', count=ndim, offset=4)
+  return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _debian_fashion_mnist(directory: str) -> _InMemory:
+  def split(prefix):
+    images = _read_idx(os.path.join(directory, f'{prefix}-images-idx3-ubyte.gz'))
+    labels = _read_idx(os.path.join(directory, f'{prefix}-labels-idx1-ubyte.gz'))
+    return _Images(images[..., None]), labels
+
+  return _in_memory('fashion_mnist', *split('train'), *split('t10k'), num_classes=10)
+
+
+def _debian_fashion_mnist_present() -> bool:
+  return all(os.path.exists(os.path.join(DEBIAN_FASHION_MNIST_DIR, f'{p}-{k}-ubyte.gz'))
+             for p in ('train', 't10k') for k in ('images-idx3', 'labels-idx1'))
+
+
+@functools.lru_cache(maxsize=4)
+def _load(dataset: str, data_dir: Optional[str]) -> Any:
+  """The dataset's source, loaded once per process: an ``_InMemory`` or a ``_Streamed``."""
+  if not isinstance(dataset, str) or not dataset:
+    raise ValueError(f'dataset must be a non-empty string: {ACCEPTED_DATASETS}')
+  if dataset == 'fashion_mnist' and _debian_fashion_mnist_present():
+    return _debian_fashion_mnist(DEBIAN_FASHION_MNIST_DIR)
+  raise ValueError(f'Unknown dataset {dataset!r}; accepted: {ACCEPTED_DATASETS}.')
+
+
+def dataset_info(dataset: str, data_dir: Optional[str] = None) -> DatasetInfo:
+  """Classes, sizes, channels and normalization of ``dataset`` (see the module docstring
+  for the accepted names)."""
+  return _load(dataset, data_dir).info
+
+
+# ------------------------------------------------------------------------------------------
+# Batches.
+
+
+def _normalize(images: np.ndarray, info: DatasetInfo) -> np.ndarray:
+  mean = np.asarray(info.mean, np.float32)
+  inv_std = 1 / np.asarray(info.std, np.float32)
+  return ((images - mean) * inv_std).astype(np.float32)
+
+
+def _finish_train_images(images: np.ndarray, draws: np.ndarray, augment: str,
+                         info: DatasetInfo) -> np.ndarray:
+  """Cropped float images in pixel units -> flipped, optionally AutoAugmented, normalized."""
+  flip = draws[:, _FLIP] < 0.5
+  images[flip] = images[flip, :, ::-1]
+  if augment == 'autoaugment':
+    pixels = np.clip(np.round(images), 0, 255).astype(np.uint8)
+    images = autoaugment.autoaugment(pixels, draws[:, _AUTOAUGMENT]).astype(np.float32)
+  return _normalize(images, info)
+
+
+def _check_batching(global_batch_size: int, process_index: int, process_count: int,
+                    image_size: int) -> int:
+  """Validates the batch arguments; returns this process's batch size."""
+  if not isinstance(process_count, int) or process_count < 1:
+    raise ValueError(f'process_count must be a positive integer, got {process_count!r}')
+  if not isinstance(process_index, int) or not 0 <= process_index < process_count:
+    raise ValueError(f'process_index must be in [0, {process_count}), got {process_index!r}')
+  if not isinstance(global_batch_size, int) or global_batch_size < 1:
+    raise ValueError(f'global_batch_size must be a positive integer, got {global_batch_size!r}')
+  if global_batch_size % process_count:
+    raise ValueError(f'global_batch_size {global_batch_size} is not divisible by the number '
+                     f'of processes {process_count}')
+  if not isinstance(image_size, int) or image_size < 1:
+    raise ValueError(f'image_size must be a positive integer, got {image_size!r}')
+  return global_batch_size // process_count
+
+
+class _EpochPermutations:
+  """The training order of an in-memory dataset: epoch ``e`` visits the examples in a
+  permutation seeded by (seed, e). Keeps the two latest epochs (a batch spans at most two)."""
+
+  def __init__(self, seed: int, size: int):
+    self.seed, self.size, self.cache = seed, size, {}
+
+  def examples(self, stream_positions: np.ndarray) -> np.ndarray:
+    epochs = stream_positions // self.size
+    out = np.empty_like(stream_positions)
+    for epoch in np.unique(epochs):
+      if epoch not in self.cache:
+        if len(self.cache) >= 2:
+          del self.cache[min(self.cache)]
+        self.cache[epoch] = np.random.default_rng([self.seed, int(epoch)]).permutation(
+            self.size)
+      selected = epochs == epoch
+      out[selected] = self.cache[epoch][stream_positions[selected] % self.size]
+    return out
+
+
+def _in_memory_train(source: _InMemory, *, global_batch_size: int, local_batch_size: int,
+                     image_size: int, seed: int, start_step: int, process_index: int,
+                     augment: str, min_crop_scale: float) -> Iterator[Batch]:
+  order = _EpochPermutations(seed, len(source.train_images))
+  positions = process_index * local_batch_size + np.arange(local_batch_size)
+  step = start_step
+  while True:
+    examples = order.examples(step * global_batch_size + positions)
+    draws = train_draws(seed, step, positions)
+    heights, widths = source.train_images.shapes(examples)
+    top, left, height, width = random_resized_crop_boxes(draws, heights, widths,
+                                                          min_crop_scale)
+    images = source.train_images.resample(examples, top, left, height, width, image_size)
+    yield {'image': _finish_train_images(images, draws, augment, source.info),
+           'label': source.train_labels[examples]}
+    step += 1
+
+
+def _in_memory_eval(source: _InMemory, *, global_batch_size: int, local_batch_size: int,
+                    image_size: int, process_index: int,
+                    crop_fraction: float) -> Iterator[Batch]:
+  count = len(source.eval_images)
+  rows = process_index * local_batch_size + np.arange(local_batch_size)
+  for start in range(0, count, global_batch_size):
+    positions = start + rows
+    mask = positions < count
+    examples = np.where(mask, positions, 0)
+    heights, widths = source.eval_images.shapes(examples)
+    boxes = [_eval_box(h, w, image_size, crop_fraction) for h, w in zip(heights, widths)]
+    top, left, height, width = (np.array(column) for column in zip(*boxes))
+    images = source.eval_images.resample(examples, top, left, height, width, image_size)
+    yield {'image': _normalize(images, source.info) * mask[:, None, None, None],
+           'label': np.where(mask, source.eval_labels[examples], 0).astype(np.int32),
+           'mask': mask.astype(np.float32)}
+
+
+def _eval_box(height: int, width: int, image_size: int,
+              crop_fraction: float) -> tuple[float, float, float, float]:
+  """The centre crop of ``centre_crop_geometry`` as a box of the original image, so that
+  resampling that box equals resizing then cropping."""
+  resized_h, resized_w, top, left = centre_crop_geometry(height, width, image_size,
+                                                         crop_fraction)
+  scale_y, scale_x = height / resized_h, width / resized_w
+  return top * scale_y, left * scale_x, image_size * scale_y, image_size * scale_x
+
+
+_END = object()
+
+
+class _Failure:
+  def __init__(self, error: BaseException):
+    self.error = error
+
+
+def _prefetch(batches: Iterator[Batch], size: int = 3) -> Iterator[Batch]:
+  """Runs ``batches`` in a background thread, ``size`` batches ahead. Closing (or dropping)
+  the returned iterator stops the thread."""
+  ready: queue.Queue = queue.Queue(maxsize=size)
+  stop = threading.Event()
+
+  def put(item) -> bool:
+    while not stop.is_set():
+      try:
+        ready.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def work():
+    try:
+      for batch in batches:
+        if not put(batch):
+          return
+      put(_END)
+    except BaseException as error:  # handed to the consumer, who re-raises it
+      put(_Failure(error))
+
+  threading.Thread(target=work, daemon=True, name='input-pipeline').start()
+  try:
+    while True:
+      item = ready.get()
+      if item is _END:
+        return
+      if isinstance(item, _Failure):
+        raise item.error
+      yield item
+  finally:
+    stop.set()
+
+
+def train_batches(dataset: str, *, global_batch_size: int, image_size: int, seed: int,
+                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                  data_dir: Optional[str] = None, augment: str = 'simple',
+                  min_crop_scale: float = 0.08) -> Iterator[Batch]:
+  """Endless training batches of this process, from step ``start_step`` on.
+
+  Each batch is ``{'image': float32 [B/P, image_size, image_size, C] normalized,
+  'label': int32 [B/P]}``: random-resized-crop (area ``min_crop_scale``..1, aspect ratio
+  3/4..4/3), horizontal flip, with ``augment='autoaugment'`` AutoAugment's ImageNet policy,
+  then ``(pixel - mean) / std``. Process ``p`` gets rows ``[p*B/P, (p+1)*B/P)`` of the
+  global batch of each step (see the module docstring on determinism).
+  """
+  local_batch_size = _check_batching(global_batch_size, process_index, process_count,
+                                     image_size)
+  if augment not in AUGMENTATIONS:
+    raise ValueError(f'augment must be one of {AUGMENTATIONS}, got {augment!r}')
+  if not 0 < min_crop_scale <= 1:
+    raise ValueError(f'min_crop_scale must be in (0, 1], got {min_crop_scale!r}')
+  if not isinstance(start_step, int) or start_step < 0:
+    raise ValueError(f'start_step must be a non-negative integer, got {start_step!r}')
+  source = _load(dataset, data_dir)
+  return _prefetch(_in_memory_train(
+      source, global_batch_size=global_batch_size, local_batch_size=local_batch_size,
+      image_size=image_size, seed=seed, start_step=start_step, process_index=process_index,
+      augment=augment, min_crop_scale=min_crop_scale))
+
+
+def eval_batches(dataset: str, *, global_batch_size: int, image_size: int,
+                 process_index: int = 0, process_count: int = 1,
+                 data_dir: Optional[str] = None,
+                 crop_fraction: float = 0.875) -> Iterator[Batch]:
+  """The evaluation split once, in batches of this process: ``{'image', 'label', 'mask'}``.
+
+  Images are resized (shorter side to ``image_size / crop_fraction``), centre-cropped to
+  ``image_size`` and normalized. Every example appears exactly once over all processes and
+  batches; the last batches are padded to full size with zero images and ``mask`` 0.
+  All processes yield the same number of batches.
+  """
+  local_batch_size = _check_batching(global_batch_size, process_index, process_count,
+                                     image_size)
+  if not 0 < crop_fraction <= 1:
+    raise ValueError(f'crop_fraction must be in (0, 1], got {crop_fraction!r}')
+  source = _load(dataset, data_dir)
+  return _prefetch(_in_memory_eval(
+      source, global_batch_size=global_batch_size, local_batch_size=local_batch_size,
+      image_size=image_size, process_index=process_index, crop_fraction=crop_fraction))
