@@ -1,0 +1,369 @@
+"""Inference speed of RepVGG in both structures, in JAX and (optionally) PyTorch/timm.
+
+Each measurement is one record (a dict, see ``Record``): throughput, latency, compile
+time, size and the achieved share of the device's measured dense matmul rate. The
+methodology is the same for every framework: warm-up calls first, every call waited for
+(``block_until_ready`` / ``torch.cuda.synchronize``), a rotation of distinct input
+batches, and the median (p50) and p90 of the per-batch latencies of all timed calls.
+
+``achieved_tflops`` counts ``2 * rv.deploy_macs`` per image, the FLOPs of the direct
+convolution of the deploy model, for every structure: it is a speed, comparable across
+structures and algorithms (Winograd performs fewer multiplies than it is credited with).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from repvgg_jax import winograd
+from repvgg_jax.models import count_params, create_model, deploy_macs
+from repvgg_jax.reparam import reparameterize
+from repvgg_jax.variants import get_variant
+
+# XLA:CPU's YNNPACK fusions made the RepVGG graphs 1.5-2x slower than XLA's own
+# convolution emitter on the 2-core benchmark machine (docs/benchmarks.md); an empty fusion
+# type list turns them off. XLA reads XLA_FLAGS once, when the first backend starts.
+CPU_FAST_FLAGS = '--xla_cpu_experimental_ynn_fusion_type='
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+# Deploy-time structures of the JAX model: 'deploy' uses XLA's convolution everywhere,
+# 'deploy-winograd2'/'deploy-winograd4' Winograd for the stride-1 3x3 convs.
+JAX_STRUCTURES = ('train', 'deploy', 'deploy-winograd2', 'deploy-winograd4')
+
+# PyTorch/timm measurements: (structure, reparameterized, channels_last, torch.compile).
+TORCH_VARIANTS = {
+    'torch-train-channels_last': (False, True, False),
+    'torch-eager': (True, False, False),
+    'torch-channels_last': (True, True, False),
+    'torch-compile': (True, True, True),
+}
+
+
+@dataclasses.dataclass
+class Record:
+  """One measurement: a model in one structure at one batch size."""
+  model: str
+  structure: str
+  batch_size: int
+  dtype: str
+  image_size: int
+  images_per_second: float
+  latency_ms_p50: float
+  latency_ms_p90: float
+  compile_seconds: float
+  params: int
+  gmacs: float
+  achieved_tflops: float
+  matmul_fraction: Optional[float]
+  peak_memory_bytes: Optional[int]
+  timed_calls: int
+  device: str
+  framework: str
+  top1: Optional[float]
+
+
+def set_cpu_flags(enable: bool = True) -> None:
+  """Add ``CPU_FAST_FLAGS`` to ``XLA_FLAGS`` (call before jax starts a backend).
+
+  Raises RuntimeError when a backend is already running, since XLA would ignore the flags.
+  """
+  if not enable or CPU_FAST_FLAGS.split('=')[0] in os.environ.get('XLA_FLAGS', ''):
+    return
+  if jax._src.xla_bridge.backends_are_initialized():  # pylint: disable=protected-access
+    raise RuntimeError('set_cpu_flags must run before the first JAX computation: XLA reads '
+                       'XLA_FLAGS when its backend starts')
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_FAST_FLAGS}".strip()
+
+
+def device_description() -> str:
+  """The JAX device, with the CPU model and core count on CPU."""
+  device = jax.devices()[0]
+  if device.platform == 'cpu':
+    return f'cpu ({_cpu_model()}, {os.cpu_count()} cores)'
+  return f'{device.platform} ({device.device_kind})'
+
+
+def _cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or 'unknown CPU'
+
+
+def matmul_tflops(dtype: Any, size: Optional[int] = None, min_seconds: float = 1.0) -> float:
+  """Measured dense ``size x size`` matmul rate of the default JAX device (TFLOP/s)."""
+  if size is None:
+    size = 2048 if jax.devices()[0].platform == 'cpu' else 8192
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  a, b = (jax.random.normal(k, (size, size), dtype) for k in keys)
+  matmul = jax.jit(jnp.matmul)
+  jax.block_until_ready(matmul(a, b))
+  times: list[float] = []
+  start = time.perf_counter()
+  while len(times) < 3 or time.perf_counter() - start < min_seconds:
+    t0 = time.perf_counter()
+    jax.block_until_ready(matmul(a, b))
+    times.append(time.perf_counter() - t0)
+  return 2 * size ** 3 / statistics.median(times) / 1e12
+
+
+def random_variables(model: Any, image_size: int, seed: int = 0) -> dict[str, Any]:
+  """Variables for ``model`` drawn with numpy (``model.init`` of the big variants compiles
+  for a long time): kernels ~ N(0, 1/fan_in), BN scales and variances 1, the rest small."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+
+  def draw(path: Any, leaf: Any) -> jax.Array:
+    name = getattr(path[-1], 'key', '')
+    if name == 'kernel':
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      value = rng.normal(0, 1 / np.sqrt(fan_in), leaf.shape)
+    elif name in ('scale', 'var'):
+      value = np.ones(leaf.shape)
+    else:
+      value = rng.normal(0, 0.01, leaf.shape)
+    return jnp.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@dataclasses.dataclass
+class Candidate:
+  """A compiled forward pass, ready to be timed: ``call(i)`` runs on input ``i``."""
+  model: str
+  structure: str
+  framework: str
+  device: str
+  params: int
+  compile_seconds: float
+  call: Callable[[int], Any]
+  wait: Callable[[Any], Any]
+  peak_memory: Callable[[], Optional[int]]
+
+
+def measure(candidates: Sequence[Candidate], batch_size: int, dtype: str, image_size: int,
+            min_calls: int = 5, min_seconds: float = 2.0, warmup: int = 2,
+            matmul_rate: Optional[float] = None) -> list[Record]:
+  """Time the candidates round-robin, one call each per round, so that other load on
+  the machine slows all of them alike; at least ``min_calls`` calls each and
+  ``min_seconds`` per candidate in all."""
+  for c in candidates:
+    for i in range(warmup):
+      c.wait(c.call(i))
+  times: list[list[float]] = [[] for _ in candidates]
+  start = time.perf_counter()
+  while (len(times[0]) < min_calls
+         or time.perf_counter() - start < min_seconds * len(candidates)):
+    for c, t in zip(candidates, times):
+      t0 = time.perf_counter()
+      c.wait(c.call(len(t)))
+      t.append(time.perf_counter() - t0)
+  records = []
+  for c, t in zip(candidates, times):
+    p50 = statistics.median(t)
+    macs = deploy_macs(c.model, image_size)
+    achieved = 2 * macs * batch_size / p50 / 1e12
+    records.append(Record(
+        model=c.model, structure=c.structure, batch_size=batch_size, dtype=dtype,
+        image_size=image_size, images_per_second=batch_size / p50,
+        latency_ms_p50=p50 * 1e3, latency_ms_p90=float(np.percentile(t, 90)) * 1e3,
+        compile_seconds=c.compile_seconds, params=c.params, gmacs=macs / 1e9,
+        achieved_tflops=achieved,
+        matmul_fraction=achieved / matmul_rate if matmul_rate else None,
+        peak_memory_bytes=c.peak_memory(), timed_calls=len(t), device=c.device,
+        framework=c.framework, top1=get_variant(c.model).top1))
+    _progress(f'{c.model} {c.structure} batch {batch_size} {dtype}: '
+              f'{batch_size / p50:.1f} images/s, p50 {p50 * 1e3:.1f} ms')
+  return records
+
+
+def _progress(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def jax_candidates(name: str, structures: Sequence[str], batch_size: int,
+                   dtype: str = 'float32', image_size: int = 224,
+                   rotate: int = 3) -> list[Candidate]:
+  """Jit-compiled eval-mode forward passes of ``name`` in each of ``structures``
+  (from ``JAX_STRUCTURES``); the deploy variables are ``reparameterize`` of the same
+  random training-time variables."""
+  unknown = [s for s in structures if s not in JAX_STRUCTURES]
+  if unknown:
+    raise ValueError(f'unknown structure(s) {unknown}; accepted: {", ".join(JAX_STRUCTURES)}')
+  if dtype not in DTYPES:
+    raise ValueError(f'unknown dtype {dtype!r}; accepted: {", ".join(DTYPES)}')
+  device = device_description()
+  train_model = create_model(name, dtype=DTYPES[dtype])
+  train_vars = random_variables(train_model, image_size)
+  deploy_vars = jax.jit(reparameterize)(train_vars)
+  inputs = [jax.random.normal(jax.random.PRNGKey(i), (batch_size, image_size, image_size, 3),
+                              DTYPES[dtype]) for i in range(rotate)]
+  candidates = []
+  for structure in structures:
+    if structure == 'train':
+      model, variables = train_model, train_vars
+    else:
+      conv_impl = structure.partition('-')[2] or 'xla'
+      model = create_model(name, deploy=True, dtype=DTYPES[dtype], conv_impl=conv_impl)
+      variables = winograd.transform_kernels(deploy_vars, name, conv_impl)
+    variables = jax.device_put(variables)
+    _progress(f'{name} {structure} batch {batch_size} {dtype}: compiling ...')
+    start = time.perf_counter()
+    compiled = jax.jit(model.apply).lower(variables, inputs[0]).compile()
+    compile_seconds = time.perf_counter() - start
+    candidates.append(Candidate(
+        name, structure, 'jax', device, count_params(variables['params']), compile_seconds,
+        call=lambda i, f=compiled, v=variables: f(v, inputs[i % rotate]),
+        wait=jax.block_until_ready,
+        peak_memory=lambda f=compiled: _peak_memory(f)))
+  return candidates
+
+
+def _peak_memory(compiled: Any) -> Optional[int]:
+  """Peak device memory in bytes where the backend reports it (GPU/TPU), else the
+  compiled program's own footprint (arguments, outputs and temporaries)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use'])
+  try:
+    analysis = compiled.memory_analysis()
+    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+               + analysis.temp_size_in_bytes)
+  except (AttributeError, NotImplementedError, TypeError):
+    return None
+
+
+def timm_name(name: str) -> str:
+  """timm's name of an official RepVGG, e.g. 'RepVGG-B1g4' -> 'repvgg_b1g4'."""
+  return name.lower().replace('-', '_')
+
+
+def torch_candidates(name: str, structures: Sequence[str], batch_size: int,
+                     dtype: str = 'float32', image_size: int = 224, rotate: int = 3,
+                     threads: Optional[int] = None) -> list[Candidate]:
+  """timm's RepVGG in PyTorch, one candidate per variant in ``structures`` (keys of
+  ``TORCH_VARIANTS``). bfloat16 runs under ``torch.autocast``. A variant whose first call
+  fails (torch.compile without a working compiler, say) is reported and left out."""
+  import timm  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from timm.utils.model import reparameterize_model  # pylint: disable=import-outside-toplevel
+
+  unknown = [s for s in structures if s not in TORCH_VARIANTS]
+  if unknown:
+    raise ValueError(f'unknown torch variant(s) {unknown}; accepted: '
+                     f'{", ".join(TORCH_VARIANTS)}')
+  if timm_name(name) not in timm.list_models('repvgg*'):
+    _progress(f'{name}: not in timm, no PyTorch measurement')
+    return []
+  if threads:
+    torch.set_num_threads(threads)
+  cuda = torch.cuda.is_available()
+  device_type = 'cuda' if cuda else 'cpu'
+  device = (f'cuda ({torch.cuda.get_device_name()})' if cuda else
+            f'cpu ({_cpu_model()}, {torch.get_num_threads()} threads)')
+  wait = (lambda _: torch.cuda.synchronize()) if cuda else (lambda _: None)
+  candidates = []
+  for structure in structures:
+    reparameterized, channels_last, compile_model = TORCH_VARIANTS[structure]
+    model = timm.create_model(timm_name(name), pretrained=False).eval()
+    if reparameterized:
+      model = reparameterize_model(model)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device_type, memory_format=memory_format)
+    runner = torch.compile(model) if compile_model else model
+    inputs = [torch.randn(batch_size, 3, image_size, image_size, device=device_type
+                          ).contiguous(memory_format=memory_format) for _ in range(rotate)]
+
+    def call(i: int, runner: Any = runner, inputs: list[Any] = inputs) -> Any:
+      with torch.inference_mode(), torch.autocast(device_type, torch.bfloat16,
+                                                  enabled=dtype == 'bfloat16'):
+        return runner(inputs[i % rotate])
+
+    _progress(f'{name} {structure} batch {batch_size} {dtype}: first call ...')
+    try:
+      start = time.perf_counter()
+      wait(call(0))
+      first_call = time.perf_counter() - start
+    except Exception as e:  # torch.compile raises many types when no compiler works
+      _progress(f'{name} {structure}: failed ({type(e).__name__}: '
+                f'{(str(e).splitlines() or [""])[0]}), left out')
+      continue
+    candidates.append(Candidate(
+        name, structure, 'torch', device, sum(p.numel() for p in model.parameters()),
+        first_call, call, wait,
+        peak_memory=(lambda: int(torch.cuda.max_memory_allocated())) if cuda else
+        (lambda: None)))
+  return candidates
+
+
+def markdown_table(records: Sequence[Record]) -> str:
+  """The records as a markdown table, with each record's speed-up over the training-time
+  JAX graph of the same model, dtype and batch size."""
+  base = {(r.model, r.dtype, r.batch_size): r.images_per_second
+          for r in records if r.structure == 'train'}
+  lines = ['| model | structure | batch | dtype | images/s | vs train | p50 ms | p90 ms | '
+           'compile s | params (M) | GMACs | TFLOP/s | % matmul | peak MiB |',
+           '|' + '---|' * 14]
+  for r in records:
+    speedup = base.get((r.model, r.dtype, r.batch_size))
+    lines.append(
+        f'| {r.model} | {r.structure} | {r.batch_size} | {r.dtype} | '
+        f'{r.images_per_second:.1f} | '
+        f'{f"{r.images_per_second / speedup:.2f}x" if speedup else "-"} | '
+        f'{r.latency_ms_p50:.1f} | {r.latency_ms_p90:.1f} | {r.compile_seconds:.1f} | '
+        f'{r.params / 1e6:.2f} | {r.gmacs:.2f} | {r.achieved_tflops:.3f} | '
+        f'{f"{100 * r.matmul_fraction:.0f}" if r.matmul_fraction else "-"} | '
+        f'{f"{r.peak_memory_bytes / 2**20:.0f}" if r.peak_memory_bytes else "-"} |')
+  return '\n'.join(lines)
+
+
+def plot(records: Sequence[Record], path: str) -> None:
+  """A PNG: throughput per batch size (one line per model and structure) and, at the
+  largest batch size, throughput against the published ImageNet top-1."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+  series: dict[tuple[str, str], list[Record]] = {}
+  for r in records:
+    series.setdefault((r.model, r.structure), []).append(r)
+  for (model, structure), rs in series.items():
+    rs = sorted(rs, key=lambda r: r.batch_size)
+    left.plot([r.batch_size for r in rs], [r.images_per_second for r in rs], marker='o',
+              label=f'{model} {structure}')
+  left.set(xscale='log', xlabel='batch size', ylabel='images/s',
+           title=f'throughput ({records[0].dtype}, {records[0].image_size}px)')
+  left.legend(fontsize=7)
+  largest = max(r.batch_size for r in records)
+  for structure in dict.fromkeys(r.structure for r in records):
+    points = [r for r in records if r.structure == structure and r.batch_size == largest
+              and r.top1 is not None]
+    if points:
+      right.scatter([r.images_per_second for r in points], [r.top1 for r in points],
+                    label=structure)
+      for r in points:
+        right.annotate(r.model, (r.images_per_second, r.top1), fontsize=7)
+  right.set(xlabel=f'images/s at batch {largest}', ylabel='ImageNet top-1 (%, published)',
+            title='speed vs accuracy')
+  right.legend(fontsize=7)
+  fig.suptitle(records[0].device, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,237 @@
+"""Deploy checkpoints and portable exports, verified against the training-time model.
+
+``convert_training_run`` is what ``convert.py --workdir`` does: read a training checkpoint,
+``reparameterize`` it, check on random input that the deploy model reproduces the
+training-time model's eval output, and only then write a variables directory (see
+``checkpoint.py``) with ``structure: 'deploy'`` and, optionally, a ``jax.export``
+artifact (``model.jax_export``): the deploy forward pass with its weights embedded and a
+symbolic batch dimension, which runs with nothing but jax::
+
+    exported = jax.export.deserialize(open('OUT/model.jax_export', 'rb').read())
+    logits = exported.call(images)  # [N, H, W, 3] float32, normalized as in model.json
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from repvgg_jax import checkpoint, winograd
+from repvgg_jax.models import create_model
+from repvgg_jax.reparam import reparameterize
+from repvgg_jax.variants import get_variant
+
+# The conversion bar: relative L2 error of the deploy logits against the training-time
+# model's, on random input at float32 (the fold itself is exact up to rounding, ~1e-7).
+TOLERANCE = 1e-5
+EXPORT_FILE = 'model.jax_export'
+EXPORT_FORMATS = ('stablehlo',)
+# Platforms lowered into the export by default: one artifact for all of them.
+EXPORT_PLATFORMS = ('cpu', 'cuda', 'tpu')
+
+
+class ConversionError(ValueError):
+  """The deploy model does not reproduce the training-time model."""
+
+
+def relative_error(output: Any, reference: Any) -> float:
+  """``||output - reference|| / ||reference||`` in float64."""
+  output, reference = np.asarray(output, np.float64), np.asarray(reference, np.float64)
+  return float(np.linalg.norm(output - reference) / np.linalg.norm(reference))
+
+
+def check_structure(variables: Any, model: str, num_classes: int, deploy: bool,
+                    where: str) -> None:
+  """Raise CheckpointError naming the first leaf that ``create_model(model, num_classes,
+  deploy)`` does not have with this shape (a checkpoint of another model, say)."""
+  net = create_model(model, num_classes=num_classes, deploy=deploy)
+  # Parameter shapes do not depend on the input size: a small image keeps this cheap.
+  expected = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  if not deploy:
+    expected = {k: expected[k] for k in ('params', 'batch_stats')}
+  want = {jax.tree_util.keystr(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+  got = {jax.tree_util.keystr(p): tuple(np.shape(x))
+         for p, x in jax.tree_util.tree_leaves_with_path(variables)}
+  problems = ([f'{k} missing' for k in want if k not in got]
+              + [f'{k} unexpected' for k in got if k not in want]
+              + [f'{k} has shape {got[k]}, expected {want[k]}'
+                 for k in want if k in got and got[k] != want[k]])
+  if problems:
+    more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
+    raise checkpoint.CheckpointError(
+        f'{where}: not a {"deploy" if deploy else "training-time"} {model} with '
+        f'{num_classes} classes: {"; ".join(problems[:3])}{more}')
+
+
+def verify_deploy(model: str, num_classes: int, train_variables: Any, deploy_variables: Any,
+                  image_size: int, conv_impl: str = 'xla', batch_size: int = 2,
+                  seed: int = 0) -> float:
+  """Relative error of the deploy model's logits against the training-time model's (eval
+  mode) on a random normal batch, both at float32 and full matmul precision."""
+  x = jax.random.normal(jax.random.PRNGKey(seed), (batch_size, image_size, image_size, 3))
+  train = create_model(model, num_classes, precision='highest')
+  deploy = create_model(model, num_classes, deploy=True, precision='highest',
+                        conv_impl=conv_impl)
+  reference = jax.jit(train.apply)(train_variables, x)
+  output = jax.jit(deploy.apply)(deploy_variables, x)
+  return relative_error(output, reference)
+
+
+def export_deploy(model: str, num_classes: int, deploy_variables: Any, image_size: int,
+                  conv_impl: str = 'xla',
+                  platforms: Optional[Sequence[str]] = EXPORT_PLATFORMS) -> bytes:
+  """A serialized ``jax.export`` of the deploy forward pass, weights embedded as
+  constants, input ``[batch, image_size, image_size, 3]`` float32 with a symbolic batch."""
+  net = create_model(model, num_classes, deploy=True, conv_impl=conv_impl)
+  variables = jax.tree_util.tree_map(jnp.asarray, deploy_variables)
+  forward = jax.jit(lambda x: net.apply(variables, x))
+  batch, = jax.export.symbolic_shape('batch')
+  spec = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+  return jax.export.export(forward, platforms=platforms)(spec).serialize()
+
+
+def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
+                         model: Optional[str] = None, export: Optional[str] = None,
+                         conv_impl: str = 'xla', overwrite: bool = False,
+                         platforms: Optional[Sequence[str]] = EXPORT_PLATFORMS,
+                         log: Any = print) -> dict[str, Any]:
+  """Write the verified deploy checkpoint of a training run; returns its metadata.
+
+  Args:
+    workdir: the training run (``run.json`` and ``checkpoints/``).
+    output: the variables directory to create.
+    step: the checkpoint step; the latest by default.
+    model: the model the run must be of (an error otherwise); None accepts any.
+    export: None, or ``'stablehlo'`` to also write ``EXPORT_FILE``.
+    conv_impl: the 3x3 conv implementation of the exported forward pass (the stored
+      variables are always ``reparameterize``'s, for every ``conv_impl``).
+    overwrite: replace an existing ``output``.
+    platforms: platforms lowered into the export.
+    log: called with one line per stage.
+
+  Raises:
+    CheckpointError: missing, unreadable or mismatched checkpoint, or existing output.
+    ConversionError: the deploy model's error exceeds ``TOLERANCE``; nothing is written.
+  """
+  if export is not None and export not in EXPORT_FORMATS:
+    raise ValueError(f'unknown export format {export!r}; accepted: {", ".join(EXPORT_FORMATS)}')
+  if conv_impl not in winograd.CONV_IMPLS:
+    raise ValueError(f'unknown conv implementation {conv_impl!r}; accepted: '
+                     f'{", ".join(winograd.CONV_IMPLS)}')
+  output = os.path.abspath(output)
+  if os.path.exists(output) and not overwrite:
+    raise checkpoint.CheckpointError(f'{output}: already exists (pass --overwrite to '
+                                     'replace it)')
+  train_variables, step, run = checkpoint.restore_training_variables(workdir, step)
+  run_model = run.get('model')
+  try:
+    get_variant(run_model)
+  except ValueError as e:
+    raise checkpoint.CheckpointError(f'{workdir}/{checkpoint.RUN_METADATA}: {e}') from None
+  if model is not None and model != run_model:
+    raise checkpoint.CheckpointError(f'{workdir}: a {run_model} run, not {model}')
+  num_classes = int(run['num_classes'])
+  image_size = int(run['image_size'])
+  check_structure(train_variables, run_model, num_classes, False, f'{workdir} step {step}')
+  log(f'{run_model}: step {step} of {workdir}, {num_classes} classes, {image_size}px')
+
+  deploy_variables = jax.tree_util.tree_map(np.asarray, reparameterize(train_variables))
+  checked = winograd.transform_kernels(deploy_variables, run_model, conv_impl)
+  error = verify_deploy(run_model, num_classes, train_variables, checked, image_size,
+                        conv_impl)
+  log(f'deploy ({conv_impl}) vs training-time logits: relative error {error:.2e} '
+      f'(limit {TOLERANCE:.0e})')
+  if not error <= TOLERANCE:
+    raise ConversionError(f'the deploy model ({conv_impl}) differs from the training-time '
+                          f'model by {error:.2e} > {TOLERANCE:.0e} (relative L2 of the '
+                          'logits); nothing written')
+
+  metadata = checkpoint.model_metadata(
+      run_model, num_classes, image_size, run.get('mean', checkpoint.IMAGENET_MEAN),
+      run.get('std', checkpoint.IMAGENET_STD), structure='deploy', source=os.path.abspath(
+          workdir), step=int(step), conversion_relative_error=error)
+  serialized = None
+  if export:
+    serialized = export_deploy(run_model, num_classes, checked, image_size, conv_impl,
+                               platforms)
+    metadata['export'] = {'file': EXPORT_FILE, 'format': export, 'conv_impl': conv_impl,
+                          'platforms': list(platforms or [jax.default_backend()]),
+                          'input': ['batch', image_size, image_size, 3]}
+    log(f'exported {len(serialized) / 2**20:.1f} MiB ({export}, {conv_impl}, symbolic batch)')
+  _write(output, deploy_variables, metadata, serialized, overwrite)
+  log(f'wrote {output}')
+  return metadata
+
+
+def _write(output: str, variables: Any, metadata: dict[str, Any],
+           serialized: Optional[bytes], overwrite: bool) -> None:
+  """The variables directory and the export, staged next to ``output`` and renamed into
+  place only when complete."""
+  parent = os.path.dirname(output)
+  os.makedirs(parent, exist_ok=True)
+  stage = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(output)}.tmp-')
+  try:
+    staged = os.path.join(stage, 'out')
+    checkpoint.save_variables(staged, variables, metadata)
+    if serialized is not None:
+      with open(os.path.join(staged, EXPORT_FILE), 'wb') as f:
+        f.write(serialized)
+    if os.path.exists(output):
+      if not overwrite:
+        raise checkpoint.CheckpointError(f'{output}: already exists (pass --overwrite to '
+                                         'replace it)')
+      shutil.rmtree(output)
+    os.replace(staged, output)
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def import_torch(source: str, model: str, output: str, image_size: int = 224,
+                 overwrite: bool = False, log: Any = print) -> dict[str, Any]:
+  """Write the Flax variables of a PyTorch RepVGG state dict (``.pth``/``.safetensors``)
+  as a variables directory, ``structure`` 'train' or 'deploy' as found in the file."""
+  from repvgg_jax import torch_io  # pylint: disable=import-outside-toplevel
+
+  output = os.path.abspath(output)
+  if os.path.exists(output) and not overwrite:
+    raise checkpoint.CheckpointError(f'{output}: already exists (pass --overwrite to '
+                                     'replace it)')
+  variables = torch_io.load_torch_weights(source, model)
+  structure = 'train' if 'batch_stats' in variables else 'deploy'
+  linear = variables['params'].get('linear')
+  num_classes = int(np.shape(linear['kernel'])[-1]) if linear else 0
+  metadata = checkpoint.model_metadata(model, num_classes, image_size, structure=structure,
+                                       source=os.path.abspath(source))
+  checkpoint.save_variables(output, jax.tree_util.tree_map(np.asarray, variables), metadata,
+                            overwrite=overwrite)
+  log(f'{model} ({structure}, {num_classes} classes) from {source}: wrote {output}')
+  return metadata
+
+
+def export_torch(path: str, naming: str = 'official', workdir: Optional[str] = None,
+                 variables_dir: Optional[str] = None, step: Optional[int] = None,
+                 log: Any = print) -> None:
+  """Write a training run's or a variables directory's weights as a PyTorch state dict
+  (``.pth``/``.pt`` or ``.safetensors``) in the official or timm naming."""
+  from repvgg_jax import torch_io  # pylint: disable=import-outside-toplevel
+
+  if (workdir is None) == (variables_dir is None):
+    raise ValueError('give exactly one source: a training run (--workdir) or a variables '
+                     'directory (--from-variables)')
+  if workdir is not None:
+    variables, step, metadata = checkpoint.restore_training_variables(workdir, step)
+    source = f'{workdir} step {step}'
+  else:
+    variables, metadata = checkpoint.load_variables(variables_dir)
+    source = variables_dir
+  state_dict = torch_io.to_torch_state_dict(variables, metadata['model'], naming)
+  torch_io.save_torch_state_dict(state_dict, path)
+  log(f'{metadata["model"]} from {source}: wrote {len(state_dict)} tensors '
+      f'({naming} naming) to {path}')

@@ -1,0 +1,194 @@
+"""Winograd F(2x2,3x3) and F(4x4,3x3) for the stride-1 3x3 convs of the deploy model.
+
+A 3x3 convolution producing an ``m x m`` output tile from an ``(m+2) x (m+2)`` input tile
+is ``Y = A^T [(G g G^T) * (B^T d B)] A`` (Lavin & Gray, "Fast Algorithms for Convolutional
+Neural Networks", 2016): ``G g G^T`` transforms each 3x3 kernel once (here, at conversion
+time), ``B^T d B`` each input tile, ``*`` is a channel contraction per tile position (one
+batched matmul over the ``(m+2)^2`` positions), and ``A^T . A`` maps back. F(2x2,3x3)
+needs 16 instead of 36 multiplies per output tile (2.25x fewer), F(4x4,3x3) 36 instead
+of 144 (4x fewer); the larger transforms of F(4x4) lose some float32 accuracy.
+
+Use it through the model's ``conv_impl`` attribute::
+
+    deploy = rv.create_model('RepVGG-A0', deploy=True, conv_impl='winograd2')
+    logits = deploy.apply(winograd.transform_kernels(deploy_vars, 'winograd2'), x)
+
+``transform_kernels`` keeps the tree structure (``reparam_conv/{kernel, bias}``) and
+replaces the kernel of every stride-1 3x3 conv by its Winograd-domain kernel, shape
+``(m+2, m+2, in/groups, out)``; stride-2 convs (and everything else) are unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Convolution implementations of the deploy model's 3x3 convs: XLA's own convolution, or
+# Winograd with output tiles of 2x2 / 4x4 for the stride-1 layers.
+CONV_IMPLS = ('xla', 'winograd2', 'winograd4')
+
+# (B^T, G, A^T) of F(m x m, 3x3) with the interpolation points of Lavin & Gray.
+_TRANSFORMS = {
+    'winograd2': (
+        [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+        [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+        [[1, 1, 1, 0], [0, 1, -1, -1]],
+    ),
+    'winograd4': (
+        [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+         [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
+        [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+         [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+    ),
+}
+
+
+def _check_impl(conv_impl: str) -> None:
+  if conv_impl not in _TRANSFORMS:
+    raise ValueError(f'unknown Winograd conv_impl {conv_impl!r}; accepted: '
+                     f'{", ".join(_TRANSFORMS)}')
+
+
+def output_tile(conv_impl: str) -> int:
+  """``m``: the side of the output tile of ``conv_impl`` ('winograd2' -> 2)."""
+  _check_impl(conv_impl)
+  return len(_TRANSFORMS[conv_impl][2])
+
+
+def transform_kernel(kernel: jax.Array, conv_impl: str) -> jax.Array:
+  """``G g G^T`` of an HWIO 3x3 kernel: shape ``(m+2, m+2, in/groups, out)``.
+
+  Computed in float64 by numpy when the kernel is concrete, so the transform itself adds
+  no rounding beyond the final cast to the kernel's dtype.
+  """
+  _check_impl(conv_impl)
+  if jnp.shape(kernel)[:2] != (3, 3) or jnp.ndim(kernel) != 4:
+    raise ValueError(f'Winograd needs a 3x3 HWIO kernel, got shape {jnp.shape(kernel)}')
+  g = np.asarray(_TRANSFORMS[conv_impl][1], np.float64)
+  if isinstance(kernel, jax.core.Tracer):
+    return jnp.einsum('ik,klco,jl->ijco', g.astype(kernel.dtype), kernel, g.astype(kernel.dtype))
+  k = np.asarray(kernel, np.float64)
+  return jnp.asarray(np.einsum('ik,klco,jl->ijco', g, k, g), jnp.asarray(kernel).dtype)
+
+
+def transform_kernels(variables: Mapping[str, Any], model: str,
+                      conv_impl: str) -> dict[str, Any]:
+  """Deploy variables of RepVGG ``model`` for a model built with ``conv_impl``.
+
+  The kernel of every stride-1 block (``<stage>_<i>/reparam_conv/kernel``, located with
+  ``models.layer_specs``) is replaced by its Winograd-domain kernel; every other leaf,
+  stride-2 blocks included, is unchanged. ``'xla'`` returns the tree as it is.
+
+  Args:
+    variables: ``{'params': ...}`` of the deploy model, e.g. ``rv.reparameterize(...)``.
+    model: the model name, e.g. ``'RepVGG-A0'``.
+    conv_impl: one of ``CONV_IMPLS``.
+  """
+  # models imports blocks, which imports this module: import the model table lazily.
+  from repvgg_jax.models import layer_specs
+  from repvgg_jax.variants import get_variant
+
+  if conv_impl == 'xla':
+    return dict(variables)
+  _check_impl(conv_impl)
+  params = variables.get('params') if isinstance(variables, Mapping) else None
+  if not isinstance(params, Mapping):
+    raise ValueError("transform_kernels expects deploy variables {'params': ...}, got "
+                     f'{type(variables).__name__}')
+  params = dict(params)
+  for spec in layer_specs(get_variant(model)):
+    if spec.strides != 1:
+      continue
+    name = f'{spec.stage}_{spec.index}'
+    block = params.get(name)
+    if not isinstance(block, Mapping) or 'reparam_conv' not in block:
+      raise ValueError(f"params/{name}/reparam_conv: missing; transform_kernels needs the "
+                       f'deploy variables of {model} (the output of rv.reparameterize)')
+    conv = block['reparam_conv']
+    params[name] = {**block, 'reparam_conv': {
+        **conv, 'kernel': transform_kernel(conv['kernel'], conv_impl)}}
+  return {**variables, 'params': params}
+
+
+def winograd_conv3x3(x: jax.Array, kernel: jax.Array, conv_impl: str, groups: int = 1,
+                     precision: Any = None) -> jax.Array:
+  """Stride-1, padding-1 3x3 convolution of NHWC ``x`` with a transformed kernel.
+
+  Args:
+    x: ``[N, H, W, C]``.
+    kernel: ``transform_kernel(k, conv_impl)``, shape ``(m+2, m+2, C/groups, out)``.
+    conv_impl: 'winograd2' or 'winograd4'.
+    groups: feature groups, as in ``lax.conv_general_dilated``.
+  """
+  m = output_tile(conv_impl)
+  a = m + 2
+  bt, _, at = (np.asarray(t, np.float32) for t in _TRANSFORMS[conv_impl])
+  if kernel.shape[:2] != (a, a):
+    raise ValueError(f'{conv_impl} needs a ({a}, {a}, in/groups, out) kernel from '
+                     f'transform_kernel, got shape {kernel.shape}')
+  n, h, w, c = x.shape
+  out = kernel.shape[-1]
+  th, tw = -(-h // m), -(-w // m)
+  # Pad by the conv's 1 on top/left and enough below/right for whole tiles.
+  x = jnp.pad(x, ((0, 0), (1, th * m + 1 - h), (1, tw * m + 1 - w), (0, 0)))
+  # B^T d B without materializing overlapping tiles: row r of every tile along an axis
+  # is a strided slice, and B^T combines a+... of them linearly (XLA fuses it all).
+  rows = _combine(bt, lambda r: x[:, r:r + th * m:m], axis=0)            # a, N, th, W', C
+  tiles = _combine(bt, lambda r: rows[:, :, :, r:r + tw * m:m], axis=1)  # a, a, N, th, tw, C
+  tiles = tiles.reshape(a, a, n * th * tw, groups, c // groups)
+  k = kernel.reshape(a, a, c // groups, groups, out // groups)
+  # One matmul per tile position and group: [tiles, C/g] x [C/g, out/g].
+  prod = jnp.einsum('ijtgc,ijcgo->ijtgo', tiles, k.astype(tiles.dtype), precision=precision)
+  prod = prod.reshape(a, a, n, th, tw, out)
+  y = jnp.einsum('pi,ijnhwo->pjnhwo', at.astype(prod.dtype), prod)
+  y = jnp.einsum('qj,pjnhwo->nhpwqo', at.astype(prod.dtype), y)
+  return y.reshape(n, th * m, tw * m, out)[:, :h, :w]
+
+
+def _combine(matrix: np.ndarray, part: Callable[[int], jax.Array], axis: int) -> jax.Array:
+  """``stack_i sum_r matrix[i, r] * part(r)`` along a new leading ``axis``, skipping zeros."""
+  parts = [part(r) for r in range(matrix.shape[1])]
+  combined = []
+  for row in matrix:
+    terms = [coef * p if coef != 1 else p for coef, p in zip(row, parts) if coef != 0]
+    combined.append(sum(terms[1:], terms[0]))
+  return jnp.stack(combined, axis=axis)
+
+
+class WinogradConv3x3(nn.Module):
+  """A biased stride-1 3x3 conv (padding 1) holding its kernel in the Winograd domain.
+
+  Parameters ``kernel`` (``(m+2, m+2, in/groups, out)``, see ``transform_kernel``) and
+  ``bias`` (``(out,)``): the same names as the ``nn.Conv`` it replaces.
+  """
+  features: int
+  conv_impl: str
+  groups: int = 1
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    a = output_tile(self.conv_impl) + 2
+    in_per_group = x.shape[-1] // self.groups
+
+    def init_kernel(key: jax.Array) -> jax.Array:
+      spatial = nn.initializers.lecun_normal()(key, (3, 3, in_per_group, self.features))
+      return transform_kernel(spatial, self.conv_impl)
+
+    kernel = self.param('kernel', init_kernel)
+    if kernel.shape != (a, a, in_per_group, self.features):
+      raise ValueError(f'{self.conv_impl} kernel must have shape '
+                       f'{(a, a, in_per_group, self.features)} (transform_kernels of the '
+                       f'deploy variables), got {kernel.shape}')
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    x = x.astype(self.dtype)
+    y = winograd_conv3x3(x, kernel.astype(self.dtype), self.conv_impl, self.groups,
+                         self.precision)
+    return y + bias.astype(self.dtype)

@@ -1,0 +1,188 @@
+"""convert.py: verified deploy checkpoints, jax.export artifacts, PyTorch in and out."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import convert
+import repvgg_jax as rv
+from conftest import random_variables, relative_error
+from repvgg_jax import checkpoint, export
+
+MODEL, CLASSES, SIZE = 'RepVGG-A0', 10, 32
+MEAN, STD = (1.0, 2.0, 3.0), (4.0, 5.0, 6.0)
+
+
+def write_run(workdir, steps_and_seeds, model=MODEL):
+  """A training run as train.py writes it: run.json and checkpoints/<step>/state."""
+  os.makedirs(workdir, exist_ok=True)
+  checkpoint.write_json(os.path.join(workdir, checkpoint.RUN_METADATA),
+                        checkpoint.model_metadata(model, CLASSES, SIZE, MEAN, STD))
+  net = rv.create_model(MODEL, CLASSES)
+  states = {}
+  with checkpoint.checkpoint_manager(workdir) as manager:
+    for step, seed in steps_and_seeds:
+      states[step] = random_variables(net, np.zeros((1, SIZE, SIZE, 3), np.float32), seed)
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(
+          {**states[step], 'step': np.int64(step)})))
+  return states
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """A RepVGG-A0 run with checkpoints at steps 3 and 7 (different weights)."""
+  workdir = str(tmp_path_factory.mktemp('run'))
+  return workdir, write_run(workdir, [(3, 1), (7, 2)])
+
+
+@pytest.fixture(scope='module')
+def converted(run, tmp_path_factory):
+  """convert.py --export stablehlo of the latest checkpoint."""
+  workdir, _ = run
+  output = str(tmp_path_factory.mktemp('out') / 'deploy')
+  assert convert.main(['--workdir', workdir, '--output', output, '--export', 'stablehlo',
+                       '--platforms', 'cpu']) == 0
+  return output
+
+
+def train_logits(variables, x):
+  return rv.create_model(MODEL, CLASSES).apply(variables, x)
+
+
+def test_writes_a_deploy_checkpoint_of_the_latest_step_that_reproduces_training(
+    run, converted):
+  _, states = run
+  variables, metadata = checkpoint.load_variables(converted)
+  assert metadata['structure'] == 'deploy' and metadata['step'] == 7
+  assert (metadata['model'], metadata['num_classes'], metadata['image_size']) == (
+      MODEL, CLASSES, SIZE)
+  assert (tuple(metadata['mean']), tuple(metadata['std'])) == (MEAN, STD)
+  assert metadata['conversion_relative_error'] < export.TOLERANCE
+  x = jax.random.normal(jax.random.PRNGKey(5), (3, SIZE, SIZE, 3))
+  deploy = rv.create_model(MODEL, CLASSES, deploy=True)
+  assert relative_error(deploy.apply(variables, x), train_logits(states[7], x)) < 1e-5
+
+
+def test_stablehlo_export_runs_with_only_jax_at_any_batch_size(run, converted, tmp_path):
+  _, states = run
+  script = (
+      'import sys, jax, numpy as np\n'
+      f'exported = jax.export.deserialize(open(sys.argv[1], "rb").read())\n'
+      'for n in (1, 3):\n'
+      '  x = np.random.default_rng(n).normal(size=(n, 32, 32, 3)).astype(np.float32)\n'
+      '  np.save(f"{sys.argv[2]}/out{n}.npy", np.asarray(exported.call(x)))\n')
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  subprocess.run([sys.executable, '-I', '-c', script,
+                  os.path.join(converted, export.EXPORT_FILE), str(tmp_path)],
+                 check=True, env=env, cwd=tmp_path)
+  for n in (1, 3):
+    x = np.random.default_rng(n).normal(size=(n, SIZE, SIZE, 3)).astype(np.float32)
+    out = np.load(tmp_path / f'out{n}.npy')
+    assert out.shape == (n, CLASSES)
+    assert relative_error(out, train_logits(states[7], x)) < 1e-5
+
+
+def test_step_selects_an_older_checkpoint(run, tmp_path):
+  workdir, _ = run
+  assert convert.main(['--workdir', workdir, '--output', str(tmp_path / 'd'),
+                       '--step', '3']) == 0
+  assert checkpoint.load_variables(str(tmp_path / 'd'))[1]['step'] == 3
+
+
+@pytest.mark.parametrize('problem', ['missing', 'corrupt', 'other model', 'no such step'])
+def test_bad_sources_fail_cleanly_and_write_nothing(problem, run, tmp_path, capsys):
+  workdir, _ = run
+  args = []
+  if problem == 'missing':
+    workdir = str(tmp_path / 'nowhere')
+  elif problem == 'corrupt':
+    corrupt = tmp_path / 'corrupt'
+    write_run(str(corrupt), [(1, 0)])
+    for root, _, files in os.walk(corrupt / checkpoint.CHECKPOINTS):
+      for name in files:
+        with open(os.path.join(root, name), 'wb') as f:
+          f.write(b'garbage')
+    workdir = str(corrupt)
+  elif problem == 'other model':
+    args = ['--model', 'RepVGG-B0']
+  else:
+    args = ['--step', '5']
+  output = tmp_path / 'out'
+  assert convert.main(['--workdir', workdir, '--output', str(output), *args]) == 1
+  message = capsys.readouterr().err
+  assert message.startswith('convert.py: error:') and len(message.splitlines()) == 1
+  assert {'missing': 'no training checkpoints', 'corrupt': 'unreadable',
+          'other model': 'a RepVGG-A0 run, not RepVGG-B0',
+          'no such step': 'available: [3, 7]'}[problem] in message
+  assert not output.exists() and os.listdir(tmp_path) in ([], ['corrupt'])
+
+
+def test_weights_of_another_model_are_refused(tmp_path, capsys):
+  # run.json says RepVGG-B0, the checkpoint holds RepVGG-A0 weights.
+  write_run(str(tmp_path / 'run'), [(1, 0)], model='RepVGG-B0')
+  assert convert.main(['--workdir', str(tmp_path / 'run'), '--output',
+                       str(tmp_path / 'out')]) == 1
+  assert 'not a training-time RepVGG-B0' in capsys.readouterr().err
+  assert not (tmp_path / 'out').exists()
+
+
+def test_existing_output_is_kept_unless_overwrite(run, tmp_path, capsys):
+  workdir, _ = run
+  output = tmp_path / 'out'
+  output.mkdir()
+  (output / 'mine.txt').write_text('keep me')
+  assert convert.main(['--workdir', workdir, '--output', str(output)]) == 1
+  assert 'already exists' in capsys.readouterr().err
+  assert os.listdir(output) == ['mine.txt']
+  assert convert.main(['--workdir', workdir, '--output', str(output), '--overwrite']) == 0
+  assert not (output / 'mine.txt').exists()
+  assert checkpoint.load_variables(str(output))[1]['step'] == 7
+
+
+def test_a_deploy_model_off_by_more_than_1e5_is_not_written(run, tmp_path, monkeypatch,
+                                                            capsys):
+  workdir, _ = run
+
+  def lossy_reparameterize(variables):
+    # Forgets the identity branch of one block: a plausible conversion bug.
+    deploy = rv.reparameterize(variables)
+    block = deploy['params']['stage1_1']['reparam_conv']
+    block['bias'] = block['bias'] - variables['params']['stage1_1']['identity']['bias']
+    return deploy
+
+  monkeypatch.setattr(export, 'reparameterize', lossy_reparameterize)
+  assert convert.main(['--workdir', workdir, '--output', str(tmp_path / 'out')]) == 1
+  assert 'differs from the training-time model' in capsys.readouterr().err
+  assert os.listdir(tmp_path) == []
+
+
+def test_torch_round_trip_through_convert(run, tmp_path):
+  pytest.importorskip('torch')
+  workdir, states = run
+  pth = tmp_path / 'a0.pth'
+  assert convert.main(['--workdir', workdir, '--to-torch', str(pth), '--naming', 'timm']) == 0
+  imported = tmp_path / 'imported'
+  assert convert.main(['--from-torch', str(pth), '--model', MODEL, '--output',
+                       str(imported), '--image-size', str(SIZE)]) == 0
+  variables, metadata = checkpoint.load_variables(str(imported))
+  assert (metadata['structure'], metadata['num_classes']) == ('train', CLASSES)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, variables, states[7])
+  safetensors = tmp_path / 'a0.safetensors'
+  assert convert.main(['--from-variables', str(imported), '--to-torch',
+                       str(safetensors)]) == 0
+  with open(safetensors, 'rb') as f:
+    header = json.loads(f.read(int.from_bytes(f.read(8), 'little')))
+  assert 'stage0.rbr_dense.conv.weight' in header
+
+
+def test_command_line_mistakes_are_usage_errors(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    convert.main(['--from-torch', 'x.pth', '--output', 'out'])
+  assert exit_info.value.code == 2
+  assert '--from-torch needs --model' in capsys.readouterr().err
