@@ -20,8 +20,9 @@ choice of the augmentation is a hash of (seed, step, position in the global batc
 ``p`` of ``P`` receives rows ``[p*B/P, (p+1)*B/P)`` of that global batch, so ``start_step``
 resumes exactly and any process count sees the same global batches. Streamed datasets are
 the exception allowed for their size: each process reads its own shard of the split
-(``tfds.even_splits``) in a seeded order, so their batches depend on the process count,
-but resuming by step is still exact for the same process count.
+(``tfds.even_splits``, dropping fewer than P examples) in an order seeded by (seed, epoch),
+cut into whole batches (the last partial batch of each epoch is skipped), so their batches
+depend on the process count; resuming by step is still exact for the same process count.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ import dataclasses
 import functools
 import gzip
 import math
+import operator
 import os
 import queue
 import threading
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -43,6 +45,8 @@ from repvgg_jax.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 # TFDS datasets whose decoded training images are smaller than this are held in memory.
 IN_MEMORY_LIMIT_BYTES = 4 << 30
+# Examples a streamed dataset shuffles over (encoded ImageNet JPEGs: about 1 GiB).
+STREAM_SHUFFLE_BUFFER = 10_000
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 AUGMENTATIONS = ('simple', 'autoaugment')
 ACCEPTED_DATASETS = ("'fashion_mnist', 'imagenet2012', 'tfds:<name>' or the plain name of a "
@@ -269,19 +273,172 @@ def _debian_fashion_mnist(directory: str) -> _InMemory:
   return _in_memory('fashion_mnist', *split('train'), *split('t10k'), num_classes=10)
 
 
-def _debian_fashion_mnist_present() -> bool:
+def debian_fashion_mnist_present() -> bool:
   return all(os.path.exists(os.path.join(DEBIAN_FASHION_MNIST_DIR, f'{p}-{k}-ubyte.gz'))
              for p in ('train', 't10k') for k in ('images-idx3', 'labels-idx1'))
 
 
+def _tensorflow():
+  """TensorFlow for data only: it must not take the accelerators JAX trains on."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # TensorFlow was already initialized; its devices are set.
+    pass
+  return tf
+
+
+def _image_files(directory: str) -> tuple[list[str], list[str]]:
+  """Image paths below ``directory/<class>/`` (recursively) and their class names."""
+  paths, classes = [], []
+  for class_name in sorted(os.listdir(directory)):
+    class_dir = os.path.join(directory, class_name)
+    if not os.path.isdir(class_dir):
+      continue
+    for parent, subdirs, files in sorted(os.walk(class_dir)):
+      subdirs.sort()
+      for name in sorted(files):
+        if name.lower().endswith(IMAGE_EXTENSIONS):
+          paths.append(os.path.join(parent, name))
+          classes.append(class_name)
+  return paths, classes
+
+
+def _decode_files(paths: Sequence[str]) -> list[np.ndarray]:
+  """Decodes image files in parallel with tf.data, in order, each with its own channels."""
+  tf = _tensorflow()
+  files = tf.data.Dataset.from_tensor_slices(list(paths))
+  decoded = files.map(
+      lambda path: tf.io.decode_image(tf.io.read_file(path), expand_animations=False),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return [image for image in decoded.as_numpy_iterator()]
+
+
+def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+  """Grayscale (1), gray+alpha (2), RGB (3) or RGBA (4) -> ``channels`` (1 or 3)."""
+  if channels == 1 or image.shape[-1] == 3:
+    return image[..., :channels]
+  if image.shape[-1] == 4:
+    return image[..., :3]
+  return np.repeat(image[..., :1], 3, axis=-1)
+
+
+def _folder(root: str) -> _InMemory:
+  """``root/train/<class>/*`` and ``root/val/<class>/*``; classes are the train sub-folders
+  in sorted order. Images stay 1-channel when all of them are grayscale, else become RGB."""
+  splits = {}
+  for split in ('train', 'val'):
+    directory = os.path.join(root, split)
+    if not os.path.isdir(directory):
+      raise ValueError(f"Image folder {root!r} has no '{split}' sub-folder: expected "
+                       f"{root}/train/<class>/<image> and {root}/val/<class>/<image>")
+    paths, classes = _image_files(directory)
+    if not paths:
+      raise ValueError(f'Image folder {directory!r} holds no images (expected '
+                       f'{directory}/<class>/<image> with extensions {", ".join(IMAGE_EXTENSIONS)})')
+    splits[split] = (paths, classes)
+  class_names = sorted(set(splits['train'][1]))
+  unknown = sorted(set(splits['val'][1]) - set(class_names))
+  if unknown:
+    raise ValueError(f'Image folder {root!r}: val classes {unknown} have no train images')
+  class_index = {name: i for i, name in enumerate(class_names)}
+  decoded = {split: _decode_files(paths) for split, (paths, _) in splits.items()}
+  channels = 1 if all(image.shape[-1] == 1 for images in decoded.values()
+                      for image in images) else 3
+  train_images, val_images = (
+      _Images([_to_channels(image, channels) for image in decoded[split]])
+      for split in ('train', 'val'))
+  train_labels, val_labels = (np.array([class_index[c] for c in splits[split][1]])
+                              for split in ('train', 'val'))
+  return _in_memory(f'folder:{root}', train_images, train_labels, val_images, val_labels,
+                    num_classes=len(class_names))
+
+
+@dataclasses.dataclass
+class _Streamed:
+  """A TFDS dataset too big for memory, read with tf.data."""
+  info: DatasetInfo
+  builder: Any
+  train_split: str
+  eval_split: str
+  image_key: str
+  label_key: str
+
+
+def _imagenet_not_prepared(data_dir: Optional[str]) -> ValueError:
+  from tensorflow_datasets.core import constants  # pylint: disable=g-import-not-at-top
+  root = os.path.expanduser(data_dir or constants.DATA_DIR)
+  manual = os.path.join(root, 'downloads', 'manual')
+  return ValueError(
+      f'imagenet2012 is not prepared in the TFDS data dir {root!r}. To build it: (1) download '
+      f'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from https://image-net.org (an '
+      f'account is needed) into {manual}/ ; (2) run: tfds build imagenet2012 --data_dir '
+      f'{root} (about 150 GB of disk; then pass --config.data_dir={root} if it is not the '
+      f'default).')
+
+
+def _tfds(name: str, data_dir: Optional[str]) -> Union[_InMemory, _Streamed]:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  _tensorflow()
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(f'Unknown dataset {name!r} (no such TFDS dataset); accepted: '
+                     f'{ACCEPTED_DATASETS}.') from None
+  features, keys = builder.info.features, builder.info.supervised_keys
+  if (not keys or len(keys) != 2 or
+      not isinstance(features[keys[0]], tfds.features.Image) or
+      not isinstance(features[keys[1]], tfds.features.ClassLabel)):
+    raise ValueError(f'TFDS dataset {name!r} is not an image-classification dataset '
+                     f'(supervised keys {keys!r}, need an Image and a ClassLabel)')
+  image_key, label_key = keys
+  if not builder.is_prepared():
+    if builder.info.name == 'imagenet2012':
+      raise _imagenet_not_prepared(data_dir)
+    builder.download_and_prepare()
+  splits = builder.info.splits
+  eval_split = next((split for split in ('validation', 'test') if split in splits), None)
+  if 'train' not in splits or eval_split is None:
+    raise ValueError(f'TFDS dataset {name!r} needs a train split and a validation or test '
+                     f'split; it has {sorted(splits)}')
+  shape = features[image_key].shape
+  channels = shape[-1] or 3
+  num_train = splits['train'].num_examples
+  if None not in shape and num_train * math.prod(shape) <= IN_MEMORY_LIMIT_BYTES:
+    def split_arrays(split):
+      images, labels = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1,
+                                                        as_supervised=True))
+      return _Images(images), labels
+
+    return _in_memory(name, *split_arrays('train'), *split_arrays(eval_split),
+                      num_classes=features[label_key].num_classes)
+  # Too big to hold or to scan for statistics: ImageNet's.
+  mean, std = ((IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else
+               ((sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)))
+  info = DatasetInfo(name=name, num_classes=features[label_key].num_classes,
+                     num_train=num_train, num_eval=splits[eval_split].num_examples,
+                     channels=channels, mean=tuple(mean), std=tuple(std))
+  return _Streamed(info, builder, 'train', eval_split, image_key, label_key)
+
+
 @functools.lru_cache(maxsize=4)
-def _load(dataset: str, data_dir: Optional[str]) -> Any:
-  """The dataset's source, loaded once per process: an ``_InMemory`` or a ``_Streamed``."""
-  if not isinstance(dataset, str) or not dataset:
+def _load(dataset: str, data_dir: Optional[str]) -> Union[_InMemory, _Streamed]:
+  """The dataset, loaded once per process (see the module docstring for the names)."""
+  if not isinstance(dataset, str) or not dataset.strip():
     raise ValueError(f'dataset must be a non-empty string: {ACCEPTED_DATASETS}')
-  if dataset == 'fashion_mnist' and _debian_fashion_mnist_present():
+  if dataset.startswith('folder:'):
+    root = os.path.expanduser(dataset[len('folder:'):])
+    if not os.path.isdir(root):
+      raise ValueError(f'Image folder {root!r} does not exist (dataset {dataset!r})')
+    return _folder(root)
+  if dataset == 'fashion_mnist' and debian_fashion_mnist_present():
     return _debian_fashion_mnist(DEBIAN_FASHION_MNIST_DIR)
-  raise ValueError(f'Unknown dataset {dataset!r}; accepted: {ACCEPTED_DATASETS}.')
+  explicit = dataset.startswith('tfds:')
+  name = dataset[len('tfds:'):] if explicit else dataset
+  # 'name:version' is TFDS syntax; any other 'prefix:' is a typo.
+  if not name or (':' in name and not explicit):
+    raise ValueError(f'Unknown dataset {dataset!r}; accepted: {ACCEPTED_DATASETS}.')
+  return _tfds(name, data_dir)
 
 
 def dataset_info(dataset: str, data_dir: Optional[str] = None) -> DatasetInfo:
@@ -304,28 +461,39 @@ def _finish_train_images(images: np.ndarray, draws: np.ndarray, augment: str,
                          info: DatasetInfo) -> np.ndarray:
   """Cropped float images in pixel units -> flipped, optionally AutoAugmented, normalized."""
   flip = draws[:, _FLIP] < 0.5
-  images[flip] = images[flip, :, ::-1]
+  images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
   if augment == 'autoaugment':
     pixels = np.clip(np.round(images), 0, 255).astype(np.uint8)
     images = autoaugment.autoaugment(pixels, draws[:, _AUTOAUGMENT]).astype(np.float32)
   return _normalize(images, info)
 
 
-def _check_batching(global_batch_size: int, process_index: int, process_count: int,
-                    image_size: int) -> int:
-  """Validates the batch arguments; returns this process's batch size."""
-  if not isinstance(process_count, int) or process_count < 1:
-    raise ValueError(f'process_count must be a positive integer, got {process_count!r}')
-  if not isinstance(process_index, int) or not 0 <= process_index < process_count:
-    raise ValueError(f'process_index must be in [0, {process_count}), got {process_index!r}')
-  if not isinstance(global_batch_size, int) or global_batch_size < 1:
-    raise ValueError(f'global_batch_size must be a positive integer, got {global_batch_size!r}')
+def _integer(name: str, value: Any, minimum: int) -> int:
+  """``value`` as a Python int (numpy and JAX integers included), at least ``minimum``."""
+  try:
+    number = operator.index(value)
+  except TypeError:
+    number = None
+  if number is None or number < minimum:
+    raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}')
+  return number
+
+
+def _check_batching(global_batch_size: Any, process_index: Any, process_count: Any,
+                    image_size: Any) -> tuple[int, int, int, int, int]:
+  """Validated ``(global_batch_size, local_batch_size, process_index, process_count,
+  image_size)``."""
+  process_count = _integer('process_count', process_count, 1)
+  process_index = _integer('process_index', process_index, 0)
+  if process_index >= process_count:
+    raise ValueError(f'process_index must be in [0, {process_count}), got {process_index}')
+  global_batch_size = _integer('global_batch_size', global_batch_size, 1)
   if global_batch_size % process_count:
     raise ValueError(f'global_batch_size {global_batch_size} is not divisible by the number '
                      f'of processes {process_count}')
-  if not isinstance(image_size, int) or image_size < 1:
-    raise ValueError(f'image_size must be a positive integer, got {image_size!r}')
-  return global_batch_size // process_count
+  image_size = _integer('image_size', image_size, 1)
+  return (global_batch_size, global_batch_size // process_count, process_index,
+          process_count, image_size)
 
 
 class _EpochPermutations:
@@ -395,6 +563,122 @@ def _eval_box(height: int, width: int, image_size: int,
   return top * scale_y, left * scale_x, image_size * scale_y, image_size * scale_x
 
 
+def _encoded_examples(source: _Streamed, split: str, shuffle_seed: Optional[int]):
+  """The split's (encoded image, label) pairs; shuffled files and examples when a seed is
+  given (tf.data keeps that order deterministic)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
+  examples = source.builder.as_dataset(
+      split=split, shuffle_files=shuffle_seed is not None, read_config=read_config,
+      decoders={source.image_key: tfds.decode.SkipDecoding()})
+  examples = examples.map(lambda e: (e[source.image_key], e[source.label_key]))
+  if shuffle_seed is not None:
+    examples = examples.shuffle(STREAM_SHUFFLE_BUFFER, seed=shuffle_seed)
+  return examples
+
+
+def _split_size(source: _Streamed, split: str) -> int:
+  return source.builder.info.splits[split].num_examples
+
+
+def _streamed_train(source: _Streamed, *, local_batch_size: int,
+                    image_size: int, seed: int, start_step: int, process_index: int,
+                    process_count: int, augment: str, min_crop_scale: float) -> Iterator[Batch]:
+  """Each process reads its shard; epoch ``e`` is the shard in an order seeded by (seed, e),
+  cut into ``steps_per_epoch`` full batches (the remainder is skipped)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tf = _tensorflow()
+  shard = tfds.even_splits(source.train_split, n=process_count,
+                           drop_remainder=True)[process_index]
+  steps_per_epoch = _split_size(source, shard) // local_batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'{source.info.name}: the per-process batch {local_batch_size} is larger '
+                     f'than the per-process shard of the train split')
+  channels = source.info.channels
+  jpeg = source.builder.info.features[source.image_key].encoding_format == 'jpeg'
+
+  def crop_box(step, position, height, width):
+    draws = train_draws(seed, int(step), np.array([position]))
+    box = random_resized_crop_boxes(draws, np.array([height]), np.array([width]),
+                                    min_crop_scale)
+    return np.array([value[0] for value in box], np.int32)
+
+  def epoch_batches(epoch: int, first_batch: int):
+    def decode_and_crop(index, encoded, label):
+      step = epoch * steps_per_epoch + index // local_batch_size
+      position = process_index * local_batch_size + index % local_batch_size
+      if jpeg:  # decode only the crop
+        shape = tf.image.extract_jpeg_shape(encoded)
+      else:
+        image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+        shape = tf.shape(image)
+      box = tf.numpy_function(crop_box, [step, position, shape[0], shape[1]], tf.int32)
+      box.set_shape([4])
+      if jpeg:
+        crop = tf.image.decode_and_crop_jpeg(encoded, box, channels=channels)
+      else:
+        crop = image[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+      crop.set_shape([None, None, channels])
+      return tf.image.resize(crop, [image_size, image_size], method='bilinear'), label
+
+    shuffle_seed = int(np.random.default_rng([seed, epoch]).integers(2**31))
+    examples = _encoded_examples(source, shard, shuffle_seed)
+    examples = examples.take(steps_per_epoch * local_batch_size)
+    examples = examples.skip(first_batch * local_batch_size)
+    examples = examples.enumerate(first_batch * local_batch_size)
+    examples = examples.map(lambda index, example: decode_and_crop(index, *example),
+                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return examples.batch(local_batch_size, drop_remainder=True).prefetch(2)
+
+  positions = process_index * local_batch_size + np.arange(local_batch_size)
+  step = start_step
+  while True:
+    epoch, first_batch = divmod(step, steps_per_epoch)
+    for images, labels in epoch_batches(epoch, first_batch).as_numpy_iterator():
+      draws = train_draws(seed, step, positions)
+      yield {'image': _finish_train_images(images, draws, augment, source.info),
+             'label': labels.astype(np.int32)}
+      step += 1
+
+
+def _streamed_eval(source: _Streamed, *, local_batch_size: int, image_size: int,
+                   process_index: int, process_count: int,
+                   crop_fraction: float) -> Iterator[Batch]:
+  """Each process evaluates its shard of the split (``tfds.even_splits``), padded to the
+  batch count of the largest shard."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tf = _tensorflow()
+  shard = tfds.even_splits(source.eval_split, n=process_count)[process_index]
+  largest_shard = -(-_split_size(source, source.eval_split) // process_count)
+  num_batches = -(-largest_shard // local_batch_size)
+  channels = source.info.channels
+
+  def geometry(height, width):
+    return np.array(centre_crop_geometry(int(height), int(width), image_size, crop_fraction),
+                    np.int32)
+
+  def decode_resize_crop(encoded, label):
+    image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+    shape = tf.shape(image)
+    resized_h, resized_w, top, left = tf.unstack(
+        tf.numpy_function(geometry, [shape[0], shape[1]], tf.int32), 4)
+    image.set_shape([None, None, channels])
+    resized = tf.image.resize(image, tf.stack([resized_h, resized_w]), method='bilinear')
+    return resized[top:top + image_size, left:left + image_size], label
+
+  examples = _encoded_examples(source, shard, shuffle_seed=None).map(
+      decode_resize_crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  batches = examples.batch(local_batch_size).prefetch(2).as_numpy_iterator()
+  empty = np.zeros((0, image_size, image_size, channels), np.float32), np.zeros(0, np.int64)
+  for _ in range(num_batches):
+    images, labels = next(batches, empty)
+    count = len(labels)
+    pad = local_batch_size - count
+    yield {'image': np.pad(_normalize(images, source.info), [(0, pad), (0, 0), (0, 0), (0, 0)]),
+           'label': np.pad(labels.astype(np.int32), (0, pad)),
+           'mask': (np.arange(local_batch_size) < count).astype(np.float32)}
+
+
 _END = object()
 
 
@@ -452,19 +736,21 @@ def train_batches(dataset: str, *, global_batch_size: int, image_size: int, seed
   then ``(pixel - mean) / std``. Process ``p`` gets rows ``[p*B/P, (p+1)*B/P)`` of the
   global batch of each step (see the module docstring on determinism).
   """
-  local_batch_size = _check_batching(global_batch_size, process_index, process_count,
-                                     image_size)
+  (global_batch_size, local_batch_size, process_index, process_count,
+   image_size) = _check_batching(global_batch_size, process_index, process_count, image_size)
   if augment not in AUGMENTATIONS:
     raise ValueError(f'augment must be one of {AUGMENTATIONS}, got {augment!r}')
   if not 0 < min_crop_scale <= 1:
     raise ValueError(f'min_crop_scale must be in (0, 1], got {min_crop_scale!r}')
-  if not isinstance(start_step, int) or start_step < 0:
-    raise ValueError(f'start_step must be a non-negative integer, got {start_step!r}')
+  start_step = _integer('start_step', start_step, 0)
+  seed = _integer('seed', seed, 0)
   source = _load(dataset, data_dir)
-  return _prefetch(_in_memory_train(
-      source, global_batch_size=global_batch_size, local_batch_size=local_batch_size,
-      image_size=image_size, seed=seed, start_step=start_step, process_index=process_index,
-      augment=augment, min_crop_scale=min_crop_scale))
+  common = dict(local_batch_size=local_batch_size, image_size=image_size, seed=seed,
+                start_step=start_step, process_index=process_index, augment=augment,
+                min_crop_scale=min_crop_scale)
+  if isinstance(source, _Streamed):
+    return _prefetch(_streamed_train(source, process_count=process_count, **common))
+  return _prefetch(_in_memory_train(source, global_batch_size=global_batch_size, **common))
 
 
 def eval_batches(dataset: str, *, global_batch_size: int, image_size: int,
@@ -478,11 +764,15 @@ def eval_batches(dataset: str, *, global_batch_size: int, image_size: int,
   batches; the last batches are padded to full size with zero images and ``mask`` 0.
   All processes yield the same number of batches.
   """
-  local_batch_size = _check_batching(global_batch_size, process_index, process_count,
-                                     image_size)
+  (global_batch_size, local_batch_size, process_index, process_count,
+   image_size) = _check_batching(global_batch_size, process_index, process_count, image_size)
   if not 0 < crop_fraction <= 1:
     raise ValueError(f'crop_fraction must be in (0, 1], got {crop_fraction!r}')
   source = _load(dataset, data_dir)
+  if isinstance(source, _Streamed):
+    return _prefetch(_streamed_eval(
+        source, local_batch_size=local_batch_size, image_size=image_size,
+        process_index=process_index, process_count=process_count, crop_fraction=crop_fraction))
   return _prefetch(_in_memory_eval(
       source, global_batch_size=global_batch_size, local_batch_size=local_batch_size,
       image_size=image_size, process_index=process_index, crop_fraction=crop_fraction))

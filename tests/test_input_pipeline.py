@@ -1,0 +1,324 @@
+"""The input pipeline: deterministic training batches, exact evaluation, clear errors."""
+
+import os
+
+import numpy as np
+import pytest
+
+from repvgg_jax import autoaugment
+from repvgg_jax import input_pipeline as ip
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not ip.debian_fashion_mnist_present(),
+    reason=f'Debian Fashion-MNIST files not in {ip.DEBIAN_FASHION_MNIST_DIR}')
+
+
+def take(batches, count):
+  return [next(batches) for _ in range(count)]
+
+
+def pixels(batch_images, info):
+  """Normalized images back in [0, 255] pixel units."""
+  return batch_images * np.asarray(info.std) + np.asarray(info.mean)
+
+
+# ------------------------------------------------------------------------------------------
+# Fashion-MNIST (Debian's files): the embedded default.
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_info_matches_the_dataset():
+  info = ip.dataset_info('fashion_mnist')
+  assert (info.num_classes, info.num_train, info.num_eval, info.channels) == (10, 60000, 10000, 1)
+  # Fashion-MNIST's well-known pixel statistics: mean 0.2860, std 0.3530 of 255.
+  np.testing.assert_allclose(info.mean, [0.2860 * 255], rtol=1e-3)
+  np.testing.assert_allclose(info.std, [0.3530 * 255], rtol=1e-3)
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize('augment', ['simple', 'autoaugment'])
+def test_train_batches_have_the_promised_shapes_and_ranges(augment):
+  info = ip.dataset_info('fashion_mnist')
+  batch = next(ip.train_batches('fashion_mnist', global_batch_size=16, image_size=32, seed=0,
+                                augment=augment))
+  assert set(batch) == {'image', 'label'}
+  assert batch['image'].shape == (16, 32, 32, 1) and batch['image'].dtype == np.float32
+  assert batch['label'].shape == (16,) and batch['label'].dtype == np.int32
+  assert batch['label'].min() >= 0 and batch['label'].max() < 10
+  values = pixels(batch['image'], info)
+  assert values.min() >= -1e-3 and values.max() <= 255 + 1e-3
+  assert values.std() > 10  # images, not blanks
+
+
+@needs_fashion_mnist
+def test_start_step_resumes_exactly_where_stepping_gets():
+  kwargs = dict(global_batch_size=8, image_size=24, seed=3, augment='autoaugment')
+  stepped = take(ip.train_batches('fashion_mnist', **kwargs), 4)
+  resumed = take(ip.train_batches('fashion_mnist', start_step=2, **kwargs), 2)
+  for a, b in zip(stepped[2:], resumed):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  assert not np.array_equal(stepped[0]['image'], stepped[1]['image'])
+  other_seed = next(ip.train_batches('fashion_mnist', **{**kwargs, 'seed': 4}))
+  assert not np.array_equal(other_seed['image'], stepped[0]['image'])
+
+
+@needs_fashion_mnist
+def test_processes_receive_their_rows_of_the_global_batch():
+  kwargs = dict(global_batch_size=8, image_size=24, seed=0, start_step=5)
+  whole = next(ip.train_batches('fashion_mnist', **kwargs))
+  halves = [next(ip.train_batches('fashion_mnist', process_index=p, process_count=2, **kwargs))
+            for p in range(2)]
+  for key in ('image', 'label'):
+    np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])
+
+
+@needs_fashion_mnist
+def test_an_epoch_visits_every_training_example_once():
+  info = ip.dataset_info('fashion_mnist')
+  batch_size = 6000  # 10 steps per epoch; the labels of an epoch are the dataset's labels
+  labels = np.concatenate([b['label'] for b in take(ip.train_batches(
+      'fashion_mnist', global_batch_size=batch_size, image_size=8, seed=0), 10)])
+  source_labels = ip._load('fashion_mnist', None).train_labels
+  assert len(labels) == info.num_train
+  np.testing.assert_array_equal(np.bincount(labels), np.bincount(source_labels))
+
+
+@needs_fashion_mnist
+def test_eval_with_full_crop_at_native_size_returns_the_test_images():
+  info = ip.dataset_info('fashion_mnist')
+  batches = list(ip.eval_batches('fashion_mnist', global_batch_size=4096, image_size=28,
+                                 crop_fraction=1.0))
+  assert [len(b['label']) for b in batches] == [4096] * 3
+  mask = np.concatenate([b['mask'] for b in batches])
+  assert mask.sum() == info.num_eval and mask[:info.num_eval].all()
+  source = ip._load('fashion_mnist', None)
+  images = pixels(np.concatenate([b['image'] for b in batches])[:info.num_eval], info)
+  np.testing.assert_allclose(images, source.eval_images.images, atol=1e-3)
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches])[:info.num_eval],
+                                source.eval_labels)
+
+
+@needs_fashion_mnist
+def test_eval_resizes_then_centre_crops():
+  batch = next(ip.eval_batches('fashion_mnist', global_batch_size=2, image_size=14))
+  assert batch['image'].shape == (2, 14, 14, 1)
+  # 28 -> 16 (= 14 / 0.875) -> centre 14: a 1-pixel border of the resized image goes.
+  assert ip.centre_crop_geometry(28, 28, 14, 0.875) == (16, 16, 1, 1)
+  assert ip.centre_crop_geometry(300, 400, 224, 0.875) == (256, 341, 16, 58)
+
+
+# ------------------------------------------------------------------------------------------
+# A folder of class sub-folders.
+
+
+def write_image(path, array):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tf.io.write_file(path, tf.io.encode_png(array))
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+  """train/: 3 classes x 3 RGB images of assorted sizes; val/: 7 flat images whose gray
+  level, 10 * k + 5, identifies each example k."""
+  root = tmp_path_factory.mktemp('folder')
+  rng = np.random.default_rng(0)
+  for c, name in enumerate(['cat', 'dog', 'emu']):
+    for i, shape in enumerate([(20, 30, 3), (24, 24, 3), (31, 17, 3)]):
+      write_image(str(root / 'train' / name / f'{i}.png'),
+                  rng.integers(0, 256, shape, dtype=np.uint8))
+  for k in range(7):
+    write_image(str(root / 'val' / ['cat', 'dog', 'emu'][k % 3] / f'{k}.png'),
+                np.full((18 + k, 22, 3), 10 * k + 5, np.uint8))
+  return f'folder:{root}'
+
+
+def test_folder_info(image_folder):
+  info = ip.dataset_info(image_folder)
+  assert (info.num_classes, info.num_train, info.num_eval, info.channels) == (3, 9, 7, 3)
+
+
+def test_folder_train_batches_are_deterministic_and_split_by_process(image_folder):
+  kwargs = dict(global_batch_size=4, image_size=16, seed=1)
+  stepped = take(ip.train_batches(image_folder, **kwargs), 3)
+  resumed = next(ip.train_batches(image_folder, start_step=2, **kwargs))
+  np.testing.assert_array_equal(stepped[2]['image'], resumed['image'])
+  halves = [next(ip.train_batches(image_folder, start_step=2, process_index=p,
+                                  process_count=2, **kwargs)) for p in range(2)]
+  np.testing.assert_array_equal(np.concatenate([h['image'] for h in halves]), resumed['image'])
+  assert resumed['image'].shape == (4, 16, 16, 3)
+
+
+def test_folder_eval_covers_every_example_once_across_processes(image_folder):
+  info = ip.dataset_info(image_folder)
+  seen, padding = [], 0
+  for process in range(2):
+    batches = list(ip.eval_batches(image_folder, global_batch_size=4, image_size=8,
+                                   process_index=process, process_count=2))
+    assert len(batches) == 2  # ceil(7 / 4) on every process
+    for batch in batches:
+      assert batch['image'].shape == (2, 8, 8, 3) and batch['mask'].shape == (2,)
+      real = batch['mask'] == 1
+      levels = pixels(batch['image'][real], info).mean(axis=(1, 2, 3))
+      seen.extend(np.round((levels - 5) / 10).astype(int))
+      np.testing.assert_array_equal(batch['label'][real], np.round((levels - 5) / 10) % 3)
+      assert not batch['image'][~real].any()
+      padding += int((~real).sum())
+  assert sorted(seen) == list(range(7)) and padding == 1
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+  for split in ('train', 'val'):
+    (tmp_path / split / 'cat').mkdir(parents=True)
+  (tmp_path / 'train' / 'cat' / 'notes.txt').write_text('not an image')
+  with pytest.raises(ValueError, match='holds no images'):
+    ip.dataset_info(f'folder:{tmp_path}')
+
+
+# ------------------------------------------------------------------------------------------
+# TFDS datasets.
+
+
+@pytest.fixture(scope='module')
+def tiny_tfds(tmp_path_factory):
+  """A prepared TFDS dataset of JPEGs of assorted sizes (so it is streamed, as ImageNet is):
+  24 train examples, 5 test examples labelled 0..4 (one per class)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class TinyJpegImages(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, features=tfds.features.FeaturesDict({
+              'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+              'label': tfds.features.ClassLabel(num_classes=5)}),
+          supervised_keys=('image', 'label'))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(24), 'test': self._generate_examples(5)}
+
+    def _generate_examples(self, count):
+      rng = np.random.default_rng(count)
+      for i in range(count):
+        shape = (16 + i % 5, 20 + i % 3, 3)
+        yield i, {'image': rng.integers(0, 256, shape, dtype=np.uint8), 'label': i % 5}
+
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  TinyJpegImages(data_dir=data_dir).download_and_prepare()
+  return 'tfds:tiny_jpeg_images', data_dir
+
+
+def test_streamed_tfds_dataset_resumes_exactly(tiny_tfds):
+  dataset, data_dir = tiny_tfds
+  info = ip.dataset_info(dataset, data_dir)
+  assert (info.num_classes, info.num_train, info.num_eval, info.channels) == (5, 24, 5, 3)
+  kwargs = dict(global_batch_size=4, image_size=12, seed=0, data_dir=data_dir,
+                process_count=2, process_index=1)
+  stepped = take(ip.train_batches(dataset, **kwargs), 8)  # 3 steps per epoch: crosses two
+  resumed = take(ip.train_batches(dataset, start_step=5, **kwargs), 3)
+  for a, b in zip(stepped[5:], resumed):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  assert stepped[0]['image'].shape == (2, 12, 12, 3)
+  assert not np.array_equal(stepped[0]['image'], stepped[3]['image'])  # epochs reshuffle
+
+
+def test_streamed_tfds_eval_covers_every_example_once(tiny_tfds):
+  dataset, data_dir = tiny_tfds
+  labels = []
+  for process in range(2):
+    batches = list(ip.eval_batches(dataset, global_batch_size=4, image_size=12,
+                                   process_index=process, process_count=2,
+                                   data_dir=data_dir))
+    assert len(batches) == 2  # ceil(ceil(5 / 2) / 2) on every process
+    for batch in batches:
+      assert batch['image'].shape == (2, 12, 12, 3)
+      labels.extend(batch['label'][batch['mask'] == 1])
+      assert not batch['image'][batch['mask'] == 0].any()
+  assert sorted(labels) == [0, 1, 2, 3, 4]
+
+
+def test_imagenet_not_prepared_says_how_to_build_it(tmp_path):
+  with pytest.raises(ValueError) as error:
+    ip.dataset_info('imagenet2012', data_dir=str(tmp_path))
+  message = str(error.value)
+  assert os.path.join(str(tmp_path), 'downloads', 'manual') in message
+  assert 'ILSVRC2012_img_train.tar' in message and 'ILSVRC2012_img_val.tar' in message
+  assert f'tfds build imagenet2012 --data_dir {tmp_path}' in message
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input.
+
+
+@pytest.mark.parametrize('dataset', ['tfds:no_such_dataset_xyz', 'mnits:typo', ''])
+def test_unknown_dataset_lists_what_is_accepted(dataset):
+  with pytest.raises(ValueError, match='folder:/path/to/root'):
+    ip.dataset_info(dataset)
+
+
+def test_batch_must_divide_among_processes():
+  with pytest.raises(ValueError, match='not divisible by the number of processes 3'):
+    ip.train_batches('fashion_mnist', global_batch_size=8, image_size=8, seed=0,
+                     process_count=3)
+  with pytest.raises(ValueError, match='not divisible'):
+    ip.eval_batches('fashion_mnist', global_batch_size=8, image_size=8, process_count=3)
+
+
+# ------------------------------------------------------------------------------------------
+# Augmentation.
+
+
+def test_random_resized_crops_stay_inside_and_respect_scale_and_ratio():
+  draws = ip.train_draws(0, 0, np.arange(2000))
+  heights, widths = np.full(2000, 300), np.full(2000, 200)
+  top, left, height, width = ip.random_resized_crop_boxes(draws, heights, widths, 0.08)
+  assert (top >= 0).all() and (left >= 0).all()
+  assert (top + height <= 300).all() and (left + width <= 200).all()
+  area = height * width / (300 * 200)
+  assert area.min() >= 0.08 * 0.95 and area.max() <= 1
+  ratio = width / height
+  assert ratio.min() >= 0.75 * 0.95 and ratio.max() <= 4 / 3 * 1.05
+  # Spread over the range, not stuck on the fallback (torchvision's RandomResizedCrop gives
+  # deciles 0.14 and 0.66 here: large areas rarely fit a 3:2 image at these ratios).
+  assert np.quantile(area, 0.1) < 0.2 and np.quantile(area, 0.9) > 0.6
+
+
+def test_autoaugment_changes_images_but_not_their_shape_or_dtype():
+  rng = np.random.default_rng(0)
+  for channels in (1, 3):
+    # Smooth images with structure, so that every operation has something to change.
+    base = np.linspace(0, 200, 20 * 20 * channels).reshape(1, 20, 20, channels)
+    images = np.clip(base + rng.normal(0, 20, (64, 20, 20, channels)), 0, 255).astype(np.uint8)
+    out = autoaugment.autoaugment(images, rng.uniform(size=(64, autoaugment.NUM_DRAWS)))
+    assert out.shape == images.shape and out.dtype == np.uint8
+    changed = (out != images).any(axis=(1, 2, 3))
+    assert changed.mean() > 0.5
+
+
+def test_autoaugment_operations_at_neutral_magnitudes_are_identities():
+  images = np.random.default_rng(1).integers(0, 256, (3, 9, 11, 3), dtype=np.uint8)
+  zeros = np.zeros(3)
+  np.testing.assert_array_equal(autoaugment.rotate(images, zeros), images)
+  np.testing.assert_array_equal(autoaugment.shear_x(images, zeros), images)
+  np.testing.assert_array_equal(autoaugment.posterize(images, np.full(3, 8)), images)
+  np.testing.assert_array_equal(autoaugment.solarize(images, np.full(3, 256)), images)
+  for enhance in (autoaugment.color, autoaugment.contrast, autoaugment.sharpness):
+    np.testing.assert_array_equal(enhance(images, np.ones(3)), images)
+  np.testing.assert_array_equal(autoaugment.invert(autoaugment.invert(images, zeros), zeros),
+                                images)
+  # A quarter turn of a square image is a transpose and a flip.
+  square = images[:, :9, :9]
+  np.testing.assert_array_equal(autoaugment.rotate(square, np.full(3, 90.0)),
+                                np.rot90(square, k=1, axes=(1, 2)))
+
+
+def test_equalize_spreads_a_narrow_histogram():
+  images = np.random.default_rng(2).integers(100, 120, (2, 64, 64, 1), dtype=np.uint8)
+  out = autoaugment.equalize(images, np.zeros(2))
+  assert out.min() < 20 and out.max() > 230
+  # Equalization is monotonic: it never swaps the order of two pixels.
+  order = np.argsort(images[0].ravel(), kind='stable')
+  assert (np.diff(out[0].ravel()[order].astype(int)) >= 0).all()
