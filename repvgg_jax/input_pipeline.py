@@ -11,7 +11,7 @@ Datasets (the ``dataset`` argument):
 * ``'folder:/path/to/root'``: ``root/train/<class>/*`` and ``root/val/<class>/*`` images.
 
 Small datasets (Fashion-MNIST, folders, TFDS datasets whose decoded training split fits in
-``IN_MEMORY_LIMIT_BYTES``) are decoded once into numpy and augmented with vectorized numpy in
+``IN_MEMORY_LIMIT_BYTES`` decoded) are decoded once into numpy and augmented with vectorized numpy in
 a background thread. Bigger TFDS datasets (ImageNet) are streamed with tf.data.
 
 Determinism. The training batch at step ``s`` is a pure function of (dataset, seed, s,
@@ -43,8 +43,10 @@ from repvgg_jax import autoaugment
 from repvgg_jax.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
-# TFDS datasets whose decoded training images are smaller than this are held in memory.
+# TFDS datasets whose decoded images take less than this are held in memory; for images of
+# assorted sizes the decoded size is guessed from the encoded one (JPEG compresses ~10x).
 IN_MEMORY_LIMIT_BYTES = 4 << 30
+ENCODED_TO_DECODED = 10
 # Examples a streamed dataset shuffles over (encoded ImageNet JPEGs: about 1 GiB).
 STREAM_SHUFFLE_BUFFER = 10_000
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
@@ -190,9 +192,9 @@ class _Images:
   """Decoded uint8 HWC images: one stacked array when they share a shape, else a list."""
 
   def __init__(self, images: Union[np.ndarray, Sequence[np.ndarray]]):
-    shapes = {image.shape for image in images}
-    self.images = np.stack(images) if len(shapes) == 1 and not isinstance(
-        images, np.ndarray) else images
+    if not isinstance(images, np.ndarray) and len({image.shape for image in images}) == 1:
+      images = np.stack(images)
+    self.images = images
 
   def __len__(self) -> int:
     return len(self.images)
@@ -404,11 +406,15 @@ def _tfds(name: str, data_dir: Optional[str]) -> Union[_InMemory, _Streamed]:
   shape = features[image_key].shape
   channels = shape[-1] or 3
   num_train = splits['train'].num_examples
-  if None not in shape and num_train * math.prod(shape) <= IN_MEMORY_LIMIT_BYTES:
+  if None in shape:  # images of assorted sizes: judge by the size of the encoded files
+    decoded_bytes = int(builder.info.dataset_size) * ENCODED_TO_DECODED
+  else:
+    decoded_bytes = (num_train + splits[eval_split].num_examples) * math.prod(shape)
+  if decoded_bytes <= IN_MEMORY_LIMIT_BYTES:
     def split_arrays(split):
-      images, labels = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1,
-                                                        as_supervised=True))
-      return _Images(images), labels
+      examples = tfds.as_numpy(builder.as_dataset(split=split, as_supervised=True))
+      images, labels = zip(*examples)
+      return _Images(list(images)), np.array(labels)
 
     return _in_memory(name, *split_arrays('train'), *split_arrays(eval_split),
                       num_classes=features[label_key].num_classes)
@@ -679,49 +685,60 @@ def _streamed_eval(source: _Streamed, *, local_batch_size: int, image_size: int,
            'mask': (np.arange(local_batch_size) < count).astype(np.float32)}
 
 
-_END = object()
+class _Prefetcher:
+  """Iterates ``batches`` in a background thread, up to ``size`` batches ahead, from the
+  moment it is created (so the first batches are ready when the trainer has compiled).
+  ``close()``, or dropping the iterator, stops the thread."""
 
+  _END = object()
 
-class _Failure:
-  def __init__(self, error: BaseException):
-    self.error = error
+  def __init__(self, batches: Iterator[Batch], size: int = 3):
+    self._ready: queue.Queue = queue.Queue(maxsize=size)
+    self._stop = threading.Event()
+    self._done = False
+    threading.Thread(target=self._work, args=(batches, self._ready, self._stop), daemon=True,
+                     name='input-pipeline').start()
 
+  @classmethod
+  def _work(cls, batches: Iterator[Batch], ready: queue.Queue, stop: threading.Event):
+    # A classmethod: the thread must not hold the iterator, or dropping it would not stop it.
+    def put(item) -> bool:
+      while not stop.is_set():
+        try:
+          ready.put(item, timeout=0.1)
+          return True
+        except queue.Full:
+          continue
+      return False
 
-def _prefetch(batches: Iterator[Batch], size: int = 3) -> Iterator[Batch]:
-  """Runs ``batches`` in a background thread, ``size`` batches ahead. Closing (or dropping)
-  the returned iterator stops the thread."""
-  ready: queue.Queue = queue.Queue(maxsize=size)
-  stop = threading.Event()
-
-  def put(item) -> bool:
-    while not stop.is_set():
-      try:
-        ready.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def work():
     try:
       for batch in batches:
         if not put(batch):
           return
-      put(_END)
+      put(cls._END)
     except BaseException as error:  # handed to the consumer, who re-raises it
-      put(_Failure(error))
+      put(error)
 
-  threading.Thread(target=work, daemon=True, name='input-pipeline').start()
-  try:
-    while True:
-      item = ready.get()
-      if item is _END:
-        return
-      if isinstance(item, _Failure):
-        raise item.error
-      yield item
-  finally:
-    stop.set()
+  def __iter__(self) -> '_Prefetcher':
+    return self
+
+  def __next__(self) -> Batch:
+    if self._done:
+      raise StopIteration
+    item = self._ready.get()
+    if item is self._END or isinstance(item, BaseException):
+      self.close()
+      if item is self._END:
+        raise StopIteration
+      raise item
+    return item
+
+  def close(self) -> None:
+    self._done = True
+    self._stop.set()
+
+  def __del__(self):
+    self._stop.set()
 
 
 def train_batches(dataset: str, *, global_batch_size: int, image_size: int, seed: int,
@@ -749,8 +766,8 @@ def train_batches(dataset: str, *, global_batch_size: int, image_size: int, seed
                 start_step=start_step, process_index=process_index, augment=augment,
                 min_crop_scale=min_crop_scale)
   if isinstance(source, _Streamed):
-    return _prefetch(_streamed_train(source, process_count=process_count, **common))
-  return _prefetch(_in_memory_train(source, global_batch_size=global_batch_size, **common))
+    return _Prefetcher(_streamed_train(source, process_count=process_count, **common))
+  return _Prefetcher(_in_memory_train(source, global_batch_size=global_batch_size, **common))
 
 
 def eval_batches(dataset: str, *, global_batch_size: int, image_size: int,
@@ -770,9 +787,9 @@ def eval_batches(dataset: str, *, global_batch_size: int, image_size: int,
     raise ValueError(f'crop_fraction must be in (0, 1], got {crop_fraction!r}')
   source = _load(dataset, data_dir)
   if isinstance(source, _Streamed):
-    return _prefetch(_streamed_eval(
+    return _Prefetcher(_streamed_eval(
         source, local_batch_size=local_batch_size, image_size=image_size,
         process_index=process_index, process_count=process_count, crop_fraction=crop_fraction))
-  return _prefetch(_in_memory_eval(
+  return _Prefetcher(_in_memory_eval(
       source, global_batch_size=global_batch_size, local_batch_size=local_batch_size,
       image_size=image_size, process_index=process_index, crop_fraction=crop_fraction))

@@ -182,8 +182,8 @@ def test_empty_folder_is_a_clear_error(tmp_path):
 
 @pytest.fixture(scope='module')
 def tiny_tfds(tmp_path_factory):
-  """A prepared TFDS dataset of JPEGs of assorted sizes (so it is streamed, as ImageNet is):
-  24 train examples, 5 test examples labelled 0..4 (one per class)."""
+  """A prepared TFDS dataset of JPEGs of assorted sizes, as ImageNet is: 24 train examples,
+  5 test examples labelled 0..4 (one per class)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   class TinyJpegImages(tfds.core.GeneratorBasedBuilder):
@@ -210,7 +210,49 @@ def tiny_tfds(tmp_path_factory):
   return 'tfds:tiny_jpeg_images', data_dir
 
 
-def test_streamed_tfds_dataset_resumes_exactly(tiny_tfds):
+@pytest.fixture
+def streamed(monkeypatch):
+  """TFDS datasets are streamed with tf.data, as if too big for memory."""
+  ip._load.cache_clear()
+  monkeypatch.setattr(ip, 'IN_MEMORY_LIMIT_BYTES', 0)
+  yield
+  ip._load.cache_clear()
+
+
+def test_small_tfds_dataset_is_held_in_memory(tiny_tfds):
+  dataset, data_dir = tiny_tfds
+  ip._load.cache_clear()
+  assert isinstance(ip._load(dataset, data_dir), ip._InMemory)
+  info = ip.dataset_info(dataset, data_dir)
+  assert (info.num_classes, info.num_train, info.num_eval, info.channels) == (5, 24, 5, 3)
+  batch = next(ip.train_batches(dataset, global_batch_size=4, image_size=12, seed=0,
+                                data_dir=data_dir))
+  assert batch['image'].shape == (4, 12, 12, 3)
+
+
+def test_streamed_and_in_memory_evaluation_agree(tiny_tfds, monkeypatch):
+  """Two implementations of resize-then-centre-crop (tf.image on one image, vectorized numpy
+  on a batch) give the same pixels."""
+  dataset, data_dir = tiny_tfds
+  kwargs = dict(global_batch_size=8, image_size=12, data_dir=data_dir, crop_fraction=0.8)
+  evaluations = []
+  for limit in (ip.IN_MEMORY_LIMIT_BYTES, 0):
+    monkeypatch.setattr(ip, 'IN_MEMORY_LIMIT_BYTES', limit)
+    ip._load.cache_clear()
+    # Each is normalized with its own statistics (streamed: ImageNet's).
+    evaluations.append((next(ip.eval_batches(dataset, **kwargs)),
+                        ip.dataset_info(dataset, data_dir)))
+  ip._load.cache_clear()
+  (in_memory, in_memory_info), (streamed, streamed_info) = evaluations
+  assert streamed_info.mean == ip.IMAGENET_MEAN != in_memory_info.mean
+  np.testing.assert_array_equal(streamed['mask'], in_memory['mask'])
+  np.testing.assert_array_equal(streamed['label'], in_memory['label'])
+  real = in_memory['mask'] == 1
+  np.testing.assert_allclose(pixels(streamed['image'][real], streamed_info),
+                             pixels(in_memory['image'][real], in_memory_info), atol=1e-3)
+
+
+def test_streamed_tfds_dataset_resumes_exactly(tiny_tfds, streamed):
   dataset, data_dir = tiny_tfds
   info = ip.dataset_info(dataset, data_dir)
   assert (info.num_classes, info.num_train, info.num_eval, info.channels) == (5, 24, 5, 3)
@@ -225,7 +267,7 @@ def test_streamed_tfds_dataset_resumes_exactly(tiny_tfds):
   assert not np.array_equal(stepped[0]['image'], stepped[3]['image'])  # epochs reshuffle
 
 
-def test_streamed_tfds_eval_covers_every_example_once(tiny_tfds):
+def test_streamed_tfds_eval_covers_every_example_once(tiny_tfds, streamed):
   dataset, data_dir = tiny_tfds
   labels = []
   for process in range(2):
