@@ -73,17 +73,18 @@ class Record:
   top1: Optional[float]
 
 
-def set_cpu_flags(enable: bool = True) -> None:
-  """Add ``CPU_FAST_FLAGS`` to ``XLA_FLAGS`` (call before jax starts a backend).
+def set_cpu_flags(enable: bool = True) -> bool:
+  """Add ``CPU_FAST_FLAGS`` to ``XLA_FLAGS``; True when they are (or already were) set.
 
-  Raises RuntimeError when a backend is already running, since XLA would ignore the flags.
+  XLA reads the flags when its first backend starts: once JAX has computed anything, this
+  changes nothing and returns False.
   """
-  if not enable or CPU_FAST_FLAGS.split('=')[0] in os.environ.get('XLA_FLAGS', ''):
-    return
-  if jax._src.xla_bridge.backends_are_initialized():  # pylint: disable=protected-access
-    raise RuntimeError('set_cpu_flags must run before the first JAX computation: XLA reads '
-                       'XLA_FLAGS when its backend starts')
+  if CPU_FAST_FLAGS.split('=')[0] in os.environ.get('XLA_FLAGS', ''):
+    return True
+  if not enable or jax._src.xla_bridge.backends_are_initialized():  # pylint: disable=protected-access
+    return False
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_FAST_FLAGS}".strip()
+  return True
 
 
 def device_description() -> str:
@@ -211,7 +212,7 @@ def jax_candidates(name: str, structures: Sequence[str], batch_size: int,
   device = device_description()
   train_model = create_model(name, dtype=DTYPES[dtype])
   train_vars = random_variables(train_model, image_size)
-  deploy_vars = jax.jit(reparameterize)(train_vars)
+  deploy_vars = reparameterize(train_vars)
   inputs = [jax.random.normal(jax.random.PRNGKey(i), (batch_size, image_size, image_size, 3),
                               DTYPES[dtype]) for i in range(rotate)]
   candidates = []

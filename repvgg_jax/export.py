@@ -13,6 +13,7 @@ symbolic batch dimension, which runs with nothing but jax::
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -76,12 +77,18 @@ def verify_deploy(model: str, num_classes: int, train_variables: Any, deploy_var
   """Relative error of the deploy model's logits against the training-time model's (eval
   mode) on a random normal batch, both at float32 and full matmul precision."""
   x = jax.random.normal(jax.random.PRNGKey(seed), (batch_size, image_size, image_size, 3))
-  train = create_model(model, num_classes, precision='highest')
-  deploy = create_model(model, num_classes, deploy=True, precision='highest',
-                        conv_impl=conv_impl)
-  reference = jax.jit(train.apply)(train_variables, x)
-  output = jax.jit(deploy.apply)(deploy_variables, x)
+  reference = _exact_forward(model, num_classes, False, 'xla')(train_variables, x)
+  output = _exact_forward(model, num_classes, True, conv_impl)(deploy_variables, x)
   return relative_error(output, reference)
+
+
+@functools.lru_cache(maxsize=16)
+def _exact_forward(model: str, num_classes: int, deploy: bool, conv_impl: str) -> Any:
+  # One jitted function per model, so that converting several checkpoints of a model in
+  # one process compiles it once.
+  net = create_model(model, num_classes, deploy=deploy, precision='highest',
+                     conv_impl=conv_impl)
+  return jax.jit(net.apply)
 
 
 def export_deploy(model: str, num_classes: int, deploy_variables: Any, image_size: int,

@@ -1,0 +1,60 @@
+"""benchmark.py: one record per measurement, a table, JSON and a plot."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import benchmark
+from repvgg_jax import bench
+
+REQUIRED = {'model', 'structure', 'batch_size', 'dtype', 'image_size', 'images_per_second',
+            'latency_ms_p50', 'compile_seconds', 'device'}
+
+
+def test_measures_both_graphs_and_torch_and_writes_table_json_and_plot(tmp_path, capsys):
+  pytest.importorskip('timm')
+  json_path, png_path = tmp_path / 'r.json', tmp_path / 'r.png'
+  assert benchmark.main([
+      '--models', 'RepVGG-A0', '--batch-sizes', '2', '--image-size', '32',
+      '--structures', 'train,deploy', '--torch',
+      '--torch-variants', 'torch-channels_last', '--threads', '1', '--min-calls', '1',
+      '--min-seconds', '0', '--json', str(json_path), '--plot', str(png_path)]) == 0
+  records = json.loads(json_path.read_text())
+  assert [r['structure'] for r in records] == ['train', 'deploy', 'torch-channels_last']
+  for r in records:
+    assert REQUIRED <= set(r)
+    assert (r['model'], r['batch_size'], r['dtype'], r['image_size']) == (
+        'RepVGG-A0', 2, 'float32', 32)
+    assert r['images_per_second'] > 0 and r['latency_ms_p50'] > 0
+    assert r['top1'] == 72.41 and r['gmacs'] > 0 and r['matmul_fraction'] > 0
+  train, deploy = records[0], records[1]
+  assert deploy['params'] < train['params']  # the branches are folded away
+  table = capsys.readouterr().out
+  assert table.count('| RepVGG-A0 |') == 3 and '| torch-channels_last |' in table
+  assert png_path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_cpu_flag_is_accepted_by_this_jaxlib():
+  # XLA aborts on an unknown flag; the child also shows set_cpu_flags runs before jax.
+  script = ('import os; from repvgg_jax import bench; assert bench.set_cpu_flags(); '
+            'import jax; jax.numpy.ones(2).block_until_ready(); '
+            'print(os.environ["XLA_FLAGS"])')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  out = subprocess.run([sys.executable, '-c', script], env=env, check=True,
+                       capture_output=True, text=True).stdout
+  assert bench.CPU_FAST_FLAGS in out
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--models', 'RepVGG-Z9'], "unknown model 'RepVGG-Z9'"),
+    (['--batch-sizes', '0,8'], 'positive integers'),
+    (['--structures', 'deploy,fast'], 'accepted are train, deploy'),
+    (['--image-size', '16'], 'at least 32'),
+])
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark.main(argv)
+  assert exit_info.value.code == 2 and message in capsys.readouterr().err
