@@ -1,9 +1,10 @@
 """AutoAugment's ImageNet policy (Cubuk et al. 2019) on batches of uint8 images, in numpy.
 
-The policy table and magnitude bins are torchvision's ``AutoAugment(IMAGENET)``: each image
-draws one of 25 sub-policies, and each of its two operations is applied with the
-sub-policy's probability (signed magnitudes flip sign with probability 1/2). Geometric
-operations use nearest-neighbour sampling and fill with 0, as torchvision does by default.
+The policy table, magnitude bins and operations are torchvision's ``AutoAugment(IMAGENET)``
+(tests/test_input_pipeline.py checks them against it): each image draws one of 25
+sub-policies, and each of its two operations is applied with the sub-policy's probability
+(signed magnitudes flip sign with probability 1/2). Geometric operations use
+nearest-neighbour sampling and fill with 0, as torchvision does by default.
 The operations are vectorized over the images that apply them, and all randomness comes
 from the caller's ``draws`` so that augmentation stays a pure function of its key.
 """
@@ -60,17 +61,19 @@ NUM_DRAWS = 5
 
 
 def _grayscale(images: np.ndarray) -> np.ndarray:
-  """ITU-R 601 luma ``[n, H, W, 1]`` (float32) of RGB or grayscale images."""
-  images = images.astype(np.float32)
+  """ITU-R 601 luma ``[n, H, W, 1]`` of RGB or grayscale images, truncated to whole levels
+  as torchvision does for uint8 images (float32)."""
   if images.shape[-1] == 1:
-    return images
-  return images @ np.array([[0.2989], [0.587], [0.114]], np.float32)
+    return images.astype(np.float32)
+  luma = images.astype(np.float32) @ np.array([[0.2989], [0.587], [0.114]], np.float32)
+  return np.floor(luma)
 
 
 def _blend(images: np.ndarray, degenerate: np.ndarray, factors: np.ndarray) -> np.ndarray:
-  """``degenerate + factor * (image - degenerate)`` clipped to uint8: PIL's ImageEnhance."""
+  """``factor * image + (1 - factor) * degenerate`` clipped and truncated to uint8 (PIL's
+  ImageEnhance, in torchvision's arithmetic)."""
   factors = factors.reshape(-1, 1, 1, 1).astype(np.float32)
-  out = degenerate + factors * (images.astype(np.float32) - degenerate)
+  out = factors * images.astype(np.float32) + (1 - factors) * degenerate
   return np.clip(out, 0, 255).astype(np.uint8)
 
 
@@ -168,9 +171,10 @@ def rotate(images: np.ndarray, degrees: np.ndarray) -> np.ndarray:
 
 
 def shear_x(images: np.ndarray, shears: np.ndarray) -> np.ndarray:
-  """Horizontal shear about the top-left corner: input x = x + shear * y."""
+  """Horizontal shear about the image's top-left corner (the outer corner of pixel (0, 0),
+  at -1/2 in pixel-centre coordinates): input x = x + shear * (y + 1/2)."""
   zeros, ones = np.zeros_like(shears), np.ones_like(shears)
-  inverse = np.stack([np.stack([ones, shears, zeros], -1),
+  inverse = np.stack([np.stack([ones, shears, shears / 2], -1),
                       np.stack([zeros, ones, zeros], -1)], axis=1)
   return _affine(images, inverse)
 

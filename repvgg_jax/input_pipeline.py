@@ -10,8 +10,8 @@ Datasets (the ``dataset`` argument):
   prepared by TFDS when needed);
 * ``'folder:/path/to/root'``: ``root/train/<class>/*`` and ``root/val/<class>/*`` images.
 
-Small datasets (Fashion-MNIST, folders, TFDS datasets whose decoded training split fits in
-``IN_MEMORY_LIMIT_BYTES`` decoded) are decoded once into numpy and augmented with vectorized numpy in
+Small datasets (Fashion-MNIST, folders, TFDS datasets whose decoded images take less than
+``IN_MEMORY_LIMIT_BYTES``) are decoded once into numpy and augmented with vectorized numpy in
 a background thread. Bigger TFDS datasets (ImageNet) are streamed with tf.data.
 
 Determinism. The training batch at step ``s`` is a pure function of (dataset, seed, s,
@@ -22,7 +22,8 @@ resumes exactly and any process count sees the same global batches. Streamed dat
 the exception allowed for their size: each process reads its own shard of the split
 (``tfds.even_splits``, dropping fewer than P examples) in an order seeded by (seed, epoch),
 cut into whole batches (the last partial batch of each epoch is skipped), so their batches
-depend on the process count; resuming by step is still exact for the same process count.
+depend on the process count; resuming by step is still exact for the same process count
+(resuming mid-epoch re-reads, without decoding, the part of the epoch already done).
 """
 
 from __future__ import annotations
@@ -397,7 +398,11 @@ def _tfds(name: str, data_dir: Optional[str]) -> Union[_InMemory, _Streamed]:
   if not builder.is_prepared():
     if builder.info.name == 'imagenet2012':
       raise _imagenet_not_prepared(data_dir)
-    builder.download_and_prepare()
+    try:
+      builder.download_and_prepare()
+    except Exception as error:  # network, manual downloads, disk: TFDS says which
+      raise ValueError(f'TFDS could not prepare {name!r} in {builder.data_dir}: '
+                       f'{error}') from error
   splits = builder.info.splits
   eval_split = next((split for split in ('validation', 'test') if split in splits), None)
   if 'train' not in splits or eval_split is None:

@@ -364,3 +364,37 @@ def test_equalize_spreads_a_narrow_histogram():
   # Equalization is monotonic: it never swaps the order of two pixels.
   order = np.argsort(images[0].ravel(), kind='stable')
   assert (np.diff(out[0].ravel()[order].astype(int)) >= 0).all()
+
+
+def test_autoaugment_matches_torchvision():
+  """The policy table, the magnitude bins and every operation are torchvision's
+  ``AutoAugment(IMAGENET)`` (up to rounding ties: one level for Sharpness's blur, pixels on a
+  half-way sampling point for ShearX)."""
+  torch = pytest.importorskip('torch')
+  autoaugment_tv = pytest.importorskip('torchvision.transforms.autoaugment')
+  from torchvision.transforms import InterpolationMode  # pylint: disable=g-import-not-at-top
+
+  reference = autoaugment_tv.AutoAugment(autoaugment_tv.AutoAugmentPolicy.IMAGENET)
+  assert tuple(map(tuple, reference.policies)) == autoaugment.IMAGENET_POLICY
+  space = reference._augmentation_space(autoaugment.NUM_BINS, (24, 20))
+  for name, (bins, signed) in autoaugment.MAGNITUDES.items():
+    np.testing.assert_allclose(bins, space[name][0].numpy(), rtol=1e-6)
+    assert signed == space[name][1]
+
+  rng = np.random.default_rng(0)
+  base = np.linspace(0, 200, 24 * 20 * 3).reshape(1, 24, 20, 3)
+  images = np.clip(base + rng.normal(0, 30, (4, 24, 20, 3)), 0, 255).astype(np.uint8)
+  cases = {'Posterize': 5, 'Solarize': 113.3, 'AutoContrast': 0, 'Equalize': 0, 'Invert': 0,
+           'Color': 0.5, 'Contrast': -0.4, 'Sharpness': 0.7, 'Rotate': -20.0, 'ShearX': 0.2}
+  for name, magnitude in cases.items():
+    ours = autoaugment.OPERATIONS[name](images, np.full(4, magnitude)).astype(int)
+    theirs = np.stack([autoaugment_tv._apply_op(
+        torch.from_numpy(image).permute(2, 0, 1).contiguous(), name, magnitude,
+        InterpolationMode.NEAREST, None).permute(1, 2, 0).numpy() for image in images])
+    differ = ours != theirs
+    if name == 'Sharpness':
+      assert np.abs(ours - theirs).max() <= 1 and differ.mean() < 0.1
+    elif name == 'ShearX':
+      assert differ.mean() < 0.03
+    else:
+      assert not differ.any(), name
