@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from repvgg_jax.variants import SEPosition
+from repvgg_jax.winograd import WinogradConv3x3
 
 # PyTorch's BatchNorm2d defaults (eps 1e-5, momentum 0.1 = Flax momentum 0.9): the same
 # constants make imported statistics and the folded kernels exact.
@@ -90,6 +91,9 @@ class RepVGGBlock(nn.Module):
       ``'post'`` (SE after the ReLU: RepVGGplus).
     se_reduction: channel reduction inside the SE block.
     deploy: build the inference structure (one biased 3x3 conv) instead of the branches.
+    conv_impl: the deploy conv of a stride-1 block: ``'xla'`` (``nn.Conv``) or
+      ``'winograd2'``/``'winograd4'`` (``winograd.WinogradConv3x3``, whose kernel is
+      Winograd-transformed, see ``winograd.transform_kernels``).
   """
   features: int
   strides: int = 1
@@ -100,10 +104,14 @@ class RepVGGBlock(nn.Module):
   dtype: Dtype = jnp.float32
   precision: Precision = None
   bn_axis_name: Optional[str] = None
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    if self.deploy:
+    if self.deploy and self.conv_impl != 'xla' and self.strides == 1:
+      y = WinogradConv3x3(self.features, self.conv_impl, self.groups, self.dtype,
+                          self.precision, name='reparam_conv')(x)
+    elif self.deploy:
       y = nn.Conv(self.features, (3, 3), strides=self.strides, padding=_padding(3),
                   feature_group_count=self.groups, use_bias=True, dtype=self.dtype,
                   precision=self.precision, name='reparam_conv')(x)

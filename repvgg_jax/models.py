@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from repvgg_jax.blocks import ConvBN, Dtype, Precision, RepVGGBlock
 from repvgg_jax.variants import Variant, get_variant
+from repvgg_jax.winograd import CONV_IMPLS
 
 
 class LayerSpec(NamedTuple):
@@ -78,6 +79,8 @@ class RepVGG(nn.Module):
     precision: matmul/conv precision, e.g. ``'highest'`` for exact float32 on GPU/TPU.
     bn_axis_name: mapped axis over which training-time BatchNorm statistics are
       averaged (the ``axis_name`` of ``jax.pmap``/``shard_map``), None for local.
+    conv_impl: deploy only: ``'xla'``, or ``'winograd2'``/``'winograd4'`` for the
+      stride-1 convs, whose variables come from ``winograd.transform_kernels``.
   """
   variant: Variant
   num_classes: int = 1000
@@ -85,12 +88,17 @@ class RepVGG(nn.Module):
   dtype: Dtype = jnp.float32
   precision: Precision = None
   bn_axis_name: Optional[str] = None
+  conv_impl: str = 'xla'
 
   def setup(self):
     v = self.variant
+    if self.conv_impl not in CONV_IMPLS or (self.conv_impl != 'xla' and not self.deploy):
+      raise ValueError(f'conv_impl {self.conv_impl!r}: accepted are {", ".join(CONV_IMPLS)}, '
+                       'and other than xla only with deploy=True')
     block = functools.partial(
         RepVGGBlock, se=v.se, se_reduction=v.se_reduction, deploy=self.deploy,
-        dtype=self.dtype, precision=self.precision, bn_axis_name=self.bn_axis_name)
+        dtype=self.dtype, precision=self.precision, bn_axis_name=self.bn_axis_name,
+        conv_impl=self.conv_impl)
     stages: dict[str, list[RepVGGBlock]] = {}
     for spec in layer_specs(v):
       stages.setdefault(spec.stage, []).append(
@@ -148,10 +156,10 @@ class RepVGG(nn.Module):
 
 def create_model(name: str, num_classes: int = 1000, deploy: bool = False,
                  dtype: Dtype = jnp.float32, precision: Precision = None,
-                 bn_axis_name: Optional[str] = None) -> RepVGG:
+                 bn_axis_name: Optional[str] = None, conv_impl: str = 'xla') -> RepVGG:
   """The RepVGG called ``name`` (see ``list_models()``), training-time or deploy."""
   return RepVGG(get_variant(name), num_classes=num_classes, deploy=deploy, dtype=dtype,
-                precision=precision, bn_axis_name=bn_axis_name)
+                precision=precision, bn_axis_name=bn_axis_name, conv_impl=conv_impl)
 
 
 def deploy_macs(name: str, image_size: Union[int, tuple[int, int]] = 224,
