@@ -65,7 +65,12 @@ class AuxHead(nn.Module):
                bn_axis_name=self.bn_axis_name, name='downsample')(x, train)
     x = jnp.mean(nn.relu(x), axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, precision=self.precision, name='fc')(x)
-    return x.astype(jnp.float32)
+    return x.astype(_logits_dtype(self.dtype))
+
+
+def _logits_dtype(dtype: Dtype) -> Any:
+  # Losses want at least float32 logits, whatever the compute dtype (bfloat16 included).
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 class RepVGG(nn.Module):
@@ -75,7 +80,8 @@ class RepVGG(nn.Module):
     variant: the architecture, see ``repvgg_jax.variants``.
     num_classes: classifier outputs; 0 returns the pooled features instead of logits.
     deploy: build the inference structure.
-    dtype: compute dtype (parameters stay float32); logits are returned as float32.
+    dtype: compute dtype (parameters stay float32); logits are returned in float32 or
+      wider.
     precision: matmul/conv precision, e.g. ``'highest'`` for exact float32 on GPU/TPU.
     bn_axis_name: mapped axis over which training-time BatchNorm statistics are
       averaged (the ``axis_name`` of ``jax.pmap``/``shard_map``), None for local.
@@ -137,14 +143,15 @@ class RepVGG(nn.Module):
 
   def __call__(self, x: jax.Array, train: bool = False
                ) -> Union[jax.Array, dict[str, jax.Array]]:
-    """Logits ``[N, num_classes]`` (float32).
+    """Logits ``[N, num_classes]`` (float32, or float64 for a float64 model).
 
     A training-time RepVGGplus called with ``train=True`` returns a dict with the
     main logits under ``'main'`` and each auxiliary head's under ``'<stage>_aux'``.
     """
     outputs = self._stage_outputs(x, train)
     pooled = jnp.mean(outputs['stage4'], axis=(1, 2))
-    logits = (self.linear(pooled) if self.num_classes else pooled).astype(jnp.float32)
+    logits = (self.linear(pooled) if self.num_classes else pooled).astype(
+        _logits_dtype(self.dtype))
     # The aux heads also run while initializing, so that init(train=False) creates them.
     if self.variant.plus and not self.deploy and (train or self.is_initializing()):
       aux = {f'{name}_aux': getattr(self, f'{name}_aux')(outputs[name], train)
