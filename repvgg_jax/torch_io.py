@@ -146,7 +146,7 @@ def _leaves(name: str, naming: str, deploy: bool, num_classes: int) -> tuple[_Le
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
   tops = list(top_names)
   flat = sorted(traverse_util.flatten_dict(dict(shapes)).items(), key=lambda item: (
-      tops.index(item[0][1]), [_ORDER[name] for name in item[0][2:]]))
+      tops.index(item[0][1]), [_ORDER[part] for part in item[0][2:]]))
   leaves = []
   for (collection, top, *modules, leaf_name), struct in flat:
     key = '.'.join([top_names[top]] + [module_names[m] for m in modules]
