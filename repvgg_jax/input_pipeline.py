@@ -28,6 +28,7 @@ depend on the process count; resuming by step is still exact for the same proces
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gzip
@@ -35,6 +36,7 @@ import math
 import operator
 import os
 import queue
+import sys
 import threading
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -282,7 +284,14 @@ def debian_fashion_mnist_present() -> bool:
 
 
 def _tensorflow():
-  """TensorFlow for data only: it must not take the accelerators JAX trains on."""
+  """TensorFlow for data only: it must not take the accelerators JAX trains on. Every
+  TensorFlow (and TFDS) import of this module goes through here first."""
+  if 'tensorflow' not in sys.modules:
+    # TensorFlow >= 2.20 wheels load their LLVM with RTLD_GLOBAL, after which importing
+    # triton (torchvision and timm do, e.g. in a benchmark next to training) segfaults
+    # (tensorflow/tensorflow#124205). Loaded first, triton is safe.
+    with contextlib.suppress(ImportError):
+      import triton  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     tf.config.set_visible_devices([], 'GPU')
@@ -381,8 +390,8 @@ def _imagenet_not_prepared(data_dir: Optional[str]) -> ValueError:
 
 
 def _tfds(name: str, data_dir: Optional[str]) -> Union[_InMemory, _Streamed]:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   _tensorflow()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
@@ -597,8 +606,8 @@ def _streamed_train(source: _Streamed, *, local_batch_size: int,
                     process_count: int, augment: str, min_crop_scale: float) -> Iterator[Batch]:
   """Each process reads its shard; epoch ``e`` is the shard in an order seeded by (seed, e),
   cut into ``steps_per_epoch`` full batches (the remainder is skipped)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tf = _tensorflow()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   shard = tfds.even_splits(source.train_split, n=process_count,
                            drop_remainder=True)[process_index]
   steps_per_epoch = _split_size(source, shard) // local_batch_size
@@ -657,8 +666,8 @@ def _streamed_eval(source: _Streamed, *, local_batch_size: int, image_size: int,
                    crop_fraction: float) -> Iterator[Batch]:
   """Each process evaluates its shard of the split (``tfds.even_splits``), padded to the
   batch count of the largest shard."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tf = _tensorflow()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   shard = tfds.even_splits(source.eval_split, n=process_count)[process_index]
   largest_shard = -(-_split_size(source, source.eval_split) // process_count)
   num_batches = -(-largest_shard // local_batch_size)

@@ -113,7 +113,7 @@ def test_eval_resizes_then_centre_crops():
 
 
 def write_image(path, array):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = ip._tensorflow()  # TensorFlow as the pipeline loads it (triton first)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tf.io.write_file(path, tf.io.encode_png(array))
 
@@ -184,6 +184,7 @@ def test_empty_folder_is_a_clear_error(tmp_path):
 def tiny_tfds(tmp_path_factory):
   """A prepared TFDS dataset of JPEGs of assorted sizes, as ImageNet is: 24 train examples,
   5 test examples labelled 0..4 (one per class)."""
+  ip._tensorflow()  # TensorFlow as the pipeline loads it (triton first)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   class TinyJpegImages(tfds.core.GeneratorBasedBuilder):
