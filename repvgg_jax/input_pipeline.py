@@ -28,6 +28,7 @@ depend on the process count; resuming by step is still exact for the same proces
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -38,6 +39,7 @@ import os
 import queue
 import sys
 import threading
+import weakref
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -162,33 +164,27 @@ def centre_crop_geometry(height: int, width: int, image_size: int,
   return resized_h, resized_w, (resized_h - image_size) // 2, (resized_w - image_size) // 2
 
 
-def _bilinear(store: np.ndarray, index: np.ndarray, top: np.ndarray, left: np.ndarray,
-              height: np.ndarray, width: np.ndarray, size: int) -> np.ndarray:
-  """Boxes of images of ``store[index]`` resampled to ``size x size`` with bilinear
-  interpolation at half-pixel centres (what tf.image.resize does on a cropped image), as
-  float32 ``[len(index), size, size, C]``. Box coordinates may be fractional."""
-  _, full_h, full_w, _ = store.shape
+def _bilinear(image: np.ndarray, top: float, left: float, height: float, width: float,
+              size: int) -> np.ndarray:
+  """The box ``(top, left, height, width)`` of ``image`` (HWC, coordinates may be
+  fractional) resampled to ``size x size`` by bilinear interpolation at half-pixel centres,
+  which is what tf.image.resize does to a cropped image; float32 ``[size, size, C]``."""
   steps = (np.arange(size) + 0.5) / size
 
   def coordinates(start, extent, limit):
-    pos = np.asarray(start, np.float64)[:, None] + steps[None, :] * np.asarray(
-        extent, np.float64)[:, None] - 0.5
-    pos = np.clip(pos, 0, limit - 1)
-    low = np.floor(pos).astype(np.int64)
-    high = np.minimum(low + 1, limit - 1)
-    return low, high, (pos - low).astype(np.float32)
+    position = np.clip(start + steps * extent - 0.5, 0, limit - 1)
+    low = np.floor(position).astype(np.intp)
+    return low, np.minimum(low + 1, limit - 1), (position - low).astype(np.float32)
 
-  y0, y1, wy = coordinates(top, height, full_h)
-  x0, x1, wx = coordinates(left, width, full_w)
-  n = np.asarray(index)[:, None, None]
-
-  def gather(ys, xs):
-    return store[n, ys[:, :, None], xs[:, None, :]].astype(np.float32)
-
-  wy, wx = wy[:, :, None, None], wx[:, None, :, None]
-  top_row = gather(y0, x0) * (1 - wx) + gather(y0, x1) * wx
-  bottom_row = gather(y1, x0) * (1 - wx) + gather(y1, x1) * wx
-  return top_row * (1 - wy) + bottom_row * wy
+  y0, y1, wy = coordinates(top, height, image.shape[0])
+  x0, x1, wx = coordinates(left, width, image.shape[1])
+  # Rows first, on the band of columns the box needs, then columns: separable and cheap.
+  band = image[:, x0[0]:x1[-1] + 1]
+  rows = band[y0].astype(np.float32)
+  rows += (band[y1] - rows) * wy[:, None, None]
+  left_columns = np.take(rows, x0 - x0[0], axis=1)
+  right_columns = np.take(rows, x1 - x0[0], axis=1)
+  return left_columns + (right_columns - left_columns) * wx[None, :, None]
 
 
 class _Images:
@@ -211,12 +207,9 @@ class _Images:
 
   def resample(self, index: np.ndarray, top: np.ndarray, left: np.ndarray,
                height: np.ndarray, width: np.ndarray, size: int) -> np.ndarray:
-    if isinstance(self.images, np.ndarray):
-      return _bilinear(self.images, index, top, left, height, width, size)
-    return np.concatenate([
-        _bilinear(self.images[i][None], np.zeros(1, np.int64), top[k:k + 1],
-                  left[k:k + 1], height[k:k + 1], width[k:k + 1], size)
-        for k, i in enumerate(index)])
+    """Box ``k`` of image ``index[k]`` resampled to ``size x size``: float32 [n, S, S, C]."""
+    return np.stack([_bilinear(self.images[i], *box, size)
+                     for i, *box in zip(index, top, left, height, width)])
 
 
 # ------------------------------------------------------------------------------------------
@@ -347,7 +340,8 @@ def _folder(root: str) -> _InMemory:
     paths, classes = _image_files(directory)
     if not paths:
       raise ValueError(f'Image folder {directory!r} holds no images (expected '
-                       f'{directory}/<class>/<image> with extensions {", ".join(IMAGE_EXTENSIONS)})')
+                       f'{directory}/<class>/<image>, extensions '
+                       f'{", ".join(IMAGE_EXTENSIONS)})')
     splits[split] = (paths, classes)
   class_names = sorted(set(splits['train'][1]))
   unknown = sorted(set(splits['val'][1]) - set(class_names))
@@ -471,20 +465,33 @@ def dataset_info(dataset: str, data_dir: Optional[str] = None) -> DatasetInfo:
 # Batches.
 
 
+def _writable_float32(images: np.ndarray) -> np.ndarray:
+  """``images`` as a C-contiguous float32 array that may be changed in place (copied only if
+  needed)."""
+  images = np.ascontiguousarray(images, np.float32)
+  return images if images.flags.writeable else images.copy()
+
+
 def _normalize(images: np.ndarray, info: DatasetInfo) -> np.ndarray:
-  mean = np.asarray(info.mean, np.float32)
-  inv_std = 1 / np.asarray(info.std, np.float32)
-  return ((images - mean) * inv_std).astype(np.float32)
+  """``(pixel - mean) / std``, in place on a float32 copy of ``images`` where possible."""
+  images = _writable_float32(images)
+  # On rows of W*C values numpy's inner loops are long; on the C-long channel axis they crawl.
+  width, channels = images.shape[-2:]
+  rows = images.reshape(images.shape[:-2] + (width * channels,))
+  rows -= np.tile(np.asarray(info.mean, np.float32), width)
+  rows *= np.tile(1 / np.asarray(info.std, np.float32), width)
+  return images
 
 
 def _finish_train_images(images: np.ndarray, draws: np.ndarray, augment: str,
                          info: DatasetInfo) -> np.ndarray:
   """Cropped float images in pixel units -> flipped, optionally AutoAugmented, normalized."""
+  images = _writable_float32(images)
   flip = draws[:, _FLIP] < 0.5
-  images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+  images[flip] = images[flip, :, ::-1]
   if augment == 'autoaugment':
     pixels = np.clip(np.round(images), 0, 255).astype(np.uint8)
-    images = autoaugment.autoaugment(pixels, draws[:, _AUTOAUGMENT]).astype(np.float32)
+    images = autoaugment.autoaugment(pixels, draws[:, _AUTOAUGMENT])
   return _normalize(images, info)
 
 
@@ -710,8 +717,10 @@ class _Prefetcher:
     self._ready: queue.Queue = queue.Queue(maxsize=size)
     self._stop = threading.Event()
     self._done = False
-    threading.Thread(target=self._work, args=(batches, self._ready, self._stop), daemon=True,
-                     name='input-pipeline').start()
+    self._thread = threading.Thread(target=self._work, args=(batches, self._ready, self._stop),
+                                    daemon=True, name='input-pipeline')
+    self._thread.start()
+    _LIVE_PREFETCHERS.add(self)
 
   @classmethod
   def _work(cls, batches: Iterator[Batch], ready: queue.Queue, stop: threading.Event):
@@ -753,6 +762,18 @@ class _Prefetcher:
 
   def __del__(self):
     self._stop.set()
+
+
+_LIVE_PREFETCHERS: 'weakref.WeakSet[_Prefetcher]' = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_prefetchers() -> None:
+  """Lets the batch threads finish their batch before the interpreter tears down: a daemon
+  thread still inside numpy or TensorFlow at exit can abort the process."""
+  for prefetcher in list(_LIVE_PREFETCHERS):
+    prefetcher.close()
+    prefetcher._thread.join(timeout=10)  # pylint: disable=protected-access
 
 
 def train_batches(dataset: str, *, global_batch_size: int, image_size: int, seed: int,
