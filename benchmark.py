@@ -63,9 +63,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--dtype', choices=tuple(bench.DTYPES), default='float32')
   parser.add_argument('--image-size', type=int, default=224)
   parser.add_argument('--structures', type=_choices(bench.JAX_STRUCTURES),
-                      default=['train', 'deploy'],
                       help='JAX graphs, comma-separated from: '
-                      f'{", ".join(bench.JAX_STRUCTURES)} (default: train,deploy)')
+                      f'{", ".join(bench.JAX_STRUCTURES)} (default: train,deploy, and '
+                      'deploy-winograd4 on CPU at float32)')
   parser.add_argument('--torch', action='store_true',
                       help='also measure timm\'s models in PyTorch (needs torch and timm)')
   parser.add_argument('--torch-variants', type=_choices(tuple(bench.TORCH_VARIANTS)),
@@ -110,10 +110,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   matmul_rate = bench.matmul_tflops(bench.DTYPES[args.dtype])
   print(f'{bench.device_description()}: dense {args.dtype} matmul {matmul_rate:.3f} TFLOP/s; '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}', file=sys.stderr)
+  structures = args.structures or bench.default_structures(args.dtype)
   records = []
   for name in args.models:
     for batch_size in args.batch_sizes:
-      candidates = bench.jax_candidates(name, args.structures, batch_size, args.dtype,
+      candidates = bench.jax_candidates(name, structures, batch_size, args.dtype,
                                         args.image_size)
       if args.torch:
         candidates += bench.torch_candidates(name, args.torch_variants, batch_size,

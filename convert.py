@@ -49,9 +49,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--export', choices=export.EXPORT_FORMATS,
                       help='also write a jax.export artifact of the deploy model '
                       f'({export.EXPORT_FILE}, symbolic batch size)')
-  parser.add_argument('--conv', choices=winograd.CONV_IMPLS, default='xla',
+  parser.add_argument('--conv', choices=('auto',) + winograd.CONV_IMPLS, default='auto',
                       help='3x3 conv of the exported deploy model: XLA\'s, or Winograd '
-                      'for the stride-1 layers (CPU; checked against the 1e-5 bar too)')
+                      'for the stride-1 layers (checked against the 1e-5 bar too); auto '
+                      '(default): winograd4 for a CPU-only export, xla otherwise')
   parser.add_argument('--platforms', default=','.join(export.EXPORT_PLATFORMS),
                       help='platforms lowered into the export (default: %(default)s)')
   parser.add_argument('--overwrite', action='store_true', help='replace an existing output')
@@ -88,10 +89,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       export.import_torch(args.from_torch, args.model, args.output, args.image_size,
                           args.overwrite)
     else:
+      platforms = [p for p in args.platforms.split(',') if p]
+      conv_impl = args.conv
+      if conv_impl == 'auto':
+        conv_impl = (winograd.default_conv_impl(platforms[0])
+                     if args.export and len(platforms) == 1 else 'xla')
       export.convert_training_run(
           args.workdir, args.output, step=args.step, model=args.model, export=args.export,
-          conv_impl=args.conv, overwrite=args.overwrite,
-          platforms=[p for p in args.platforms.split(',') if p])
+          conv_impl=conv_impl, overwrite=args.overwrite, platforms=platforms)
   except (CheckpointError, export.ConversionError, ValueError, OSError) as e:
     print(f'convert.py: error: {e}', file=sys.stderr)
     return 1

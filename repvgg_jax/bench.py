@@ -50,6 +50,13 @@ TORCH_VARIANTS = {
 }
 
 
+def default_structures(dtype: str) -> tuple[str, ...]:
+  """The training-time graph, XLA's deploy graph, and the fastest deploy graph of the
+  default backend when that is another (Winograd on CPU at float32)."""
+  fastest = winograd.default_conv_impl(jax.default_backend(), DTYPES[dtype])
+  return ('train', 'deploy') + ((f'deploy-{fastest}',) if fastest != 'xla' else ())
+
+
 @dataclasses.dataclass
 class Record:
   """One measurement: a model in one structure at one batch size."""

@@ -70,6 +70,9 @@ def test_writes_a_deploy_checkpoint_of_the_latest_step_that_reproduces_training(
 
 def test_stablehlo_export_runs_with_only_jax_at_any_batch_size(run, converted, tmp_path):
   _, states = run
+  # A CPU-only export uses the fastest CPU path, Winograd F(4x4,3x3), within the same bar.
+  export_info = checkpoint.load_variables(converted)[1]['export']
+  assert (export_info['conv_impl'], export_info['platforms']) == ('winograd4', ['cpu'])
   script = (
       'import sys, jax, numpy as np\n'
       f'exported = jax.export.deserialize(open(sys.argv[1], "rb").read())\n'
