@@ -29,6 +29,7 @@ depend on the process count; resuming by step is still exact for the same proces
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -523,6 +524,29 @@ def _check_batching(global_batch_size: Any, process_index: Any, process_count: A
           process_count, image_size)
 
 
+# Threads that augment the rows of a batch in parallel (numpy releases the GIL in its loops);
+# half the cores at most, the rest are the trainer's (and tf.data's).
+AUGMENT_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+@functools.lru_cache(maxsize=1)
+def _augment_pool() -> concurrent.futures.ThreadPoolExecutor:
+  return concurrent.futures.ThreadPoolExecutor(AUGMENT_THREADS,
+                                               thread_name_prefix='input-pipeline-rows')
+
+
+def _in_chunks(function, *arrays: np.ndarray) -> np.ndarray:
+  """``function(*arrays)`` for row-wise functions, computed on AUGMENT_THREADS slices of the
+  rows in parallel and concatenated (the same result as one call)."""
+  chunks = min(AUGMENT_THREADS, len(arrays[0]))
+  if chunks <= 1:
+    return function(*arrays)
+  bounds = np.linspace(0, len(arrays[0]), chunks + 1).astype(int)
+  parts = _augment_pool().map(lambda lo, hi: function(*(a[lo:hi] for a in arrays)),
+                              bounds[:-1], bounds[1:])
+  return np.concatenate(list(parts))
+
+
 class _EpochPermutations:
   """The training order of an in-memory dataset: epoch ``e`` visits the examples in a
   permutation seeded by (seed, e). Keeps the two latest epochs (a batch spans at most two)."""
@@ -549,15 +573,18 @@ def _in_memory_train(source: _InMemory, *, global_batch_size: int, local_batch_s
                      augment: str, min_crop_scale: float) -> Iterator[Batch]:
   order = _EpochPermutations(seed, len(source.train_images))
   positions = process_index * local_batch_size + np.arange(local_batch_size)
+
+  def augment_rows(examples, draws):
+    heights, widths = source.train_images.shapes(examples)
+    boxes = random_resized_crop_boxes(draws, heights, widths, min_crop_scale)
+    images = source.train_images.resample(examples, *boxes, image_size)
+    return _finish_train_images(images, draws, augment, source.info)
+
   step = start_step
   while True:
     examples = order.examples(step * global_batch_size + positions)
     draws = train_draws(seed, step, positions)
-    heights, widths = source.train_images.shapes(examples)
-    top, left, height, width = random_resized_crop_boxes(draws, heights, widths,
-                                                          min_crop_scale)
-    images = source.train_images.resample(examples, top, left, height, width, image_size)
-    yield {'image': _finish_train_images(images, draws, augment, source.info),
+    yield {'image': _in_chunks(augment_rows, examples, draws),
            'label': source.train_labels[examples]}
     step += 1
 
@@ -567,15 +594,19 @@ def _in_memory_eval(source: _InMemory, *, global_batch_size: int, local_batch_si
                     crop_fraction: float) -> Iterator[Batch]:
   count = len(source.eval_images)
   rows = process_index * local_batch_size + np.arange(local_batch_size)
-  for start in range(0, count, global_batch_size):
-    positions = start + rows
-    mask = positions < count
-    examples = np.where(mask, positions, 0)
+
+  def crop_rows(examples):
     heights, widths = source.eval_images.shapes(examples)
     boxes = [_eval_box(h, w, image_size, crop_fraction) for h, w in zip(heights, widths)]
     top, left, height, width = (np.array(column) for column in zip(*boxes))
     images = source.eval_images.resample(examples, top, left, height, width, image_size)
-    yield {'image': _normalize(images, source.info) * mask[:, None, None, None],
+    return _normalize(images, source.info)
+
+  for start in range(0, count, global_batch_size):
+    positions = start + rows
+    mask = positions < count
+    examples = np.where(mask, positions, 0)
+    yield {'image': _in_chunks(crop_rows, examples) * mask[:, None, None, None],
            'label': np.where(mask, source.eval_labels[examples], 0).astype(np.int32),
            'mask': mask.astype(np.float32)}
 
@@ -657,14 +688,16 @@ def _streamed_train(source: _Streamed, *, local_batch_size: int,
                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return examples.batch(local_batch_size, drop_remainder=True).prefetch(2)
 
+  def finish_rows(images, draws):
+    return _finish_train_images(images, draws, augment, source.info)
+
   positions = process_index * local_batch_size + np.arange(local_batch_size)
   step = start_step
   while True:
     epoch, first_batch = divmod(step, steps_per_epoch)
     for images, labels in epoch_batches(epoch, first_batch).as_numpy_iterator():
       draws = train_draws(seed, step, positions)
-      yield {'image': _finish_train_images(images, draws, augment, source.info),
-             'label': labels.astype(np.int32)}
+      yield {'image': _in_chunks(finish_rows, images, draws), 'label': labels.astype(np.int32)}
       step += 1
 
 

@@ -74,6 +74,22 @@ def test_processes_receive_their_rows_of_the_global_batch():
 
 
 @needs_fashion_mnist
+def test_batches_do_not_depend_on_the_number_of_augmentation_threads(monkeypatch):
+  kwargs = dict(global_batch_size=10, image_size=20, seed=0, augment='autoaugment')
+  monkeypatch.setattr(ip, 'AUGMENT_THREADS', 1)
+  one = take(ip.train_batches('fashion_mnist', **kwargs), 2)
+  evaluated_by_one = next(ip.eval_batches('fashion_mnist', global_batch_size=10, image_size=20))
+  monkeypatch.setattr(ip, 'AUGMENT_THREADS', 3)
+  ip._augment_pool.cache_clear()
+  three = take(ip.train_batches('fashion_mnist', **kwargs), 2)
+  evaluated_by_three = next(ip.eval_batches('fashion_mnist', global_batch_size=10,
+                                            image_size=20))
+  ip._augment_pool.cache_clear()
+  for a, b in zip(one + [evaluated_by_one], three + [evaluated_by_three]):
+    np.testing.assert_array_equal(a['image'], b['image'])
+
+
+@needs_fashion_mnist
 def test_an_epoch_visits_every_training_example_once():
   info = ip.dataset_info('fashion_mnist')
   batch_size = 6000  # 10 steps per epoch; the labels of an epoch are the dataset's labels
@@ -207,7 +223,9 @@ def tiny_tfds(tmp_path_factory):
         yield i, {'image': rng.integers(0, 256, shape, dtype=np.uint8), 'label': i % 5}
 
   data_dir = str(tmp_path_factory.mktemp('tfds'))
-  TinyJpegImages(data_dir=data_dir).download_and_prepare()
+  # Several files per split, so that the streamed order also shuffles and interleaves files.
+  TinyJpegImages(data_dir=data_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(num_shards=3))
   return 'tfds:tiny_jpeg_images', data_dir
 
 
