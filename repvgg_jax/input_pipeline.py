@@ -11,8 +11,10 @@ Datasets (the ``dataset`` argument):
 * ``'folder:/path/to/root'``: ``root/train/<class>/*`` and ``root/val/<class>/*`` images.
 
 Small datasets (Fashion-MNIST, folders, TFDS datasets whose decoded images take less than
-``IN_MEMORY_LIMIT_BYTES``) are decoded once into numpy and augmented with vectorized numpy in
-a background thread. Bigger TFDS datasets (ImageNet) are streamed with tf.data.
+``IN_MEMORY_LIMIT_BYTES``) are decoded once into numpy and augmented with numpy in a
+background thread (the rows of a batch on up to half the cores). Bigger TFDS datasets
+(ImageNet) are streamed with tf.data: decoding and cropping in parallel tf.data maps, flip,
+AutoAugment and normalization with the same numpy code as in memory.
 
 Determinism. The training batch at step ``s`` is a pure function of (dataset, seed, s,
 global batch size): in-memory datasets walk a seeded permutation per epoch, and every random

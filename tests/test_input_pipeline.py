@@ -51,6 +51,21 @@ def test_train_batches_have_the_promised_shapes_and_ranges(augment):
 
 
 @needs_fashion_mnist
+def test_whole_image_crops_are_the_shuffled_training_images_half_of_them_mirrored():
+  info = ip.dataset_info('fashion_mnist')
+  source = ip._load('fashion_mnist', None)
+  batch = next(ip.train_batches('fashion_mnist', global_batch_size=64, image_size=28, seed=0,
+                                min_crop_scale=1.0))
+  examples = ip._EpochPermutations(0, info.num_train).examples(np.arange(64))
+  originals = source.train_images.images[examples]
+  images = pixels(batch['image'], info)
+  same = np.isclose(images, originals, atol=1e-3).all(axis=(1, 2, 3))
+  mirrored = np.isclose(images, originals[:, :, ::-1], atol=1e-3).all(axis=(1, 2, 3))
+  assert (same | mirrored).all() and 16 < mirrored.sum() < 48
+  np.testing.assert_array_equal(batch['label'], source.train_labels[examples])
+
+
+@needs_fashion_mnist
 def test_start_step_resumes_exactly_where_stepping_gets():
   kwargs = dict(global_batch_size=8, image_size=24, seed=3, augment='autoaugment')
   stepped = take(ip.train_batches('fashion_mnist', **kwargs), 4)
@@ -89,15 +104,16 @@ def test_batches_do_not_depend_on_the_number_of_augmentation_threads(monkeypatch
     np.testing.assert_array_equal(a['image'], b['image'])
 
 
-@needs_fashion_mnist
-def test_an_epoch_visits_every_training_example_once():
-  info = ip.dataset_info('fashion_mnist')
-  batch_size = 6000  # 10 steps per epoch; the labels of an epoch are the dataset's labels
-  labels = np.concatenate([b['label'] for b in take(ip.train_batches(
-      'fashion_mnist', global_batch_size=batch_size, image_size=8, seed=0), 10)])
-  source_labels = ip._load('fashion_mnist', None).train_labels
-  assert len(labels) == info.num_train
-  np.testing.assert_array_equal(np.bincount(labels), np.bincount(source_labels))
+def test_each_epoch_visits_every_training_example_once_in_a_new_order():
+  order = ip._EpochPermutations(seed=0, size=1000)
+  stream = order.examples(np.arange(3000))  # what consecutive batches read
+  epochs = stream.reshape(3, 1000)
+  for epoch in epochs:
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(1000))
+  assert not np.array_equal(epochs[0], epochs[1])
+  # A batch straddling two epochs reads the end of one and the start of the next.
+  np.testing.assert_array_equal(ip._EpochPermutations(0, 1000).examples(np.arange(995, 1005)),
+                                stream[995:1005])
 
 
 @needs_fashion_mnist
