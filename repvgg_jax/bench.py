@@ -72,7 +72,7 @@ class Record:
   params: int
   gmacs: float
   achieved_tflops: float
-  matmul_fraction: Optional[float]
+  matmul_fraction: Optional[float]  # achieved_tflops / the measured matmul rate
   peak_memory_bytes: Optional[int]
   timed_calls: int
   device: str
@@ -114,7 +114,8 @@ def _cpu_model() -> str:
 
 
 def matmul_tflops(dtype: Any, size: Optional[int] = None, min_seconds: float = 1.0) -> float:
-  """Measured dense ``size x size`` matmul rate of the default JAX device (TFLOP/s)."""
+  """Measured dense ``size x size`` matmul rate of the default JAX device (TFLOP/s), from
+  the fastest call: the device's capability, as free of other load as can be had."""
   if size is None:
     size = 2048 if jax.devices()[0].platform == 'cpu' else 8192
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
@@ -127,7 +128,7 @@ def matmul_tflops(dtype: Any, size: Optional[int] = None, min_seconds: float = 1
     t0 = time.perf_counter()
     jax.block_until_ready(matmul(a, b))
     times.append(time.perf_counter() - t0)
-  return 2 * size ** 3 / statistics.median(times) / 1e12
+  return 2 * size ** 3 / min(times) / 1e12
 
 
 def random_variables(model: Any, image_size: int, seed: int = 0) -> dict[str, Any]:
@@ -166,8 +167,7 @@ class Candidate:
 
 
 def measure(candidates: Sequence[Candidate], batch_size: int, dtype: str, image_size: int,
-            min_calls: int = 5, min_seconds: float = 2.0, warmup: int = 2,
-            matmul_rate: Optional[float] = None) -> list[Record]:
+            min_calls: int = 5, min_seconds: float = 2.0, warmup: int = 2) -> list[Record]:
   """Time the candidates round-robin, one call each per round, so that other load on
   the machine slows all of them alike; at least ``min_calls`` calls each and
   ``min_seconds`` per candidate in all."""
@@ -192,10 +192,9 @@ def measure(candidates: Sequence[Candidate], batch_size: int, dtype: str, image_
         image_size=image_size, images_per_second=batch_size / p50,
         latency_ms_p50=p50 * 1e3, latency_ms_p90=float(np.percentile(t, 90)) * 1e3,
         compile_seconds=c.compile_seconds, params=c.params, gmacs=macs / 1e9,
-        achieved_tflops=achieved,
-        matmul_fraction=achieved / matmul_rate if matmul_rate else None,
-        peak_memory_bytes=c.peak_memory(), timed_calls=len(t), device=c.device,
-        framework=c.framework, top1=get_variant(c.model).top1))
+        achieved_tflops=achieved, matmul_fraction=None, peak_memory_bytes=c.peak_memory(),
+        timed_calls=len(t), device=c.device, framework=c.framework,
+        top1=get_variant(c.model).top1))
     _progress(f'{c.model} {c.structure} batch {batch_size} {dtype}: '
               f'{batch_size / p50:.1f} images/s, p50 {p50 * 1e3:.1f} ms')
   return records
