@@ -74,6 +74,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
       parser.error('--output DIR is required')
     if args.from_torch and not args.model:
       parser.error(f'--from-torch needs --model (one of {", ".join(list_models())})')
+  unknown = set(args.platforms.split(',')) - set(export.KNOWN_PLATFORMS)
+  if unknown or not args.platforms:
+    parser.error(f'--platforms {args.platforms!r}: comma-separated, from '
+                 f'{", ".join(export.KNOWN_PLATFORMS)}')
   if args.step is not None and not args.workdir:
     parser.error('--step applies to --workdir only')
   return args
@@ -89,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       export.import_torch(args.from_torch, args.model, args.output, args.image_size,
                           args.overwrite)
     else:
-      platforms = [p for p in args.platforms.split(',') if p]
+      platforms = args.platforms.split(',')
       conv_impl = args.conv
       if conv_impl == 'auto':
         conv_impl = (winograd.default_conv_impl(platforms[0])

@@ -35,6 +35,7 @@ EXPORT_FILE = 'model.jax_export'
 EXPORT_FORMATS = ('stablehlo',)
 # Platforms lowered into the export by default: one artifact for all of them.
 EXPORT_PLATFORMS = ('cpu', 'cuda', 'tpu')
+KNOWN_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
 
 class ConversionError(ValueError):
