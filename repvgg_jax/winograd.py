@@ -6,12 +6,15 @@ Neural Networks", 2016): ``G g G^T`` transforms each 3x3 kernel once (here, at c
 time), ``B^T d B`` each input tile, ``*`` is a channel contraction per tile position (one
 batched matmul over the ``(m+2)^2`` positions), and ``A^T . A`` maps back. F(2x2,3x3)
 needs 16 instead of 36 multiplies per output tile (2.25x fewer), F(4x4,3x3) 36 instead
-of 144 (4x fewer); the larger transforms of F(4x4) lose some float32 accuracy.
+of 144 (4x fewer). The larger transforms of F(4x4) can cost float32 accuracy; with the
+kernels transformed in float64 the RepVGG logits stay within ~5e-7 of the training-time
+model's, as close as XLA's convolution (docs/benchmarks.md).
 
 Use it through the model's ``conv_impl`` attribute::
 
-    deploy = rv.create_model('RepVGG-A0', deploy=True, conv_impl='winograd2')
-    logits = deploy.apply(winograd.transform_kernels(deploy_vars, 'winograd2'), x)
+    deploy = rv.create_model('RepVGG-A0', deploy=True, conv_impl='winograd4')
+    variables = winograd.transform_kernels(deploy_vars, 'RepVGG-A0', 'winograd4')
+    logits = deploy.apply(variables, x)
 
 ``transform_kernels`` keeps the tree structure (``reparam_conv/{kernel, bias}``) and
 replaces the kernel of every stride-1 3x3 conv by its Winograd-domain kernel, shape
@@ -148,8 +151,8 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, conv_impl: str, groups: in
   th, tw = -(-h // m), -(-w // m)
   # Pad by the conv's 1 on top/left and enough below/right for whole tiles.
   x = jnp.pad(x, ((0, 0), (1, th * m + 1 - h), (1, tw * m + 1 - w), (0, 0)))
-  # B^T d B without materializing overlapping tiles: row r of every tile along an axis
-  # is a strided slice, and B^T combines a+... of them linearly (XLA fuses it all).
+  # B^T d B without gathering overlapping tiles: row r of every tile along an axis is a
+  # strided slice, and each row of B^T is a linear combination of those slices.
   rows = _combine(bt, lambda r: x[:, r:r + th * m:m], axis=0)            # a, N, th, W', C
   tiles = _combine(bt, lambda r: rows[:, :, :, r:r + tw * m:m], axis=1)  # a, a, N, th, tw, C
   # One matmul per tile position and group: [tiles, C/g] x [C/g, out/g]. The batch
@@ -159,7 +162,7 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, conv_impl: str, groups: in
   k = kernel.reshape(a, a, c // groups, groups, out // groups).astype(tiles.dtype)
   if groups == 1:
     prod = jnp.einsum('ijtc,ijco->ijto', tiles[:, :, :, 0], k[:, :, :, 0], precision=precision)
-  else:
+  else:  # groups lead too; this costs copies of the tiles, kernel and product
     prod = jnp.einsum('ijgtc,ijgco->ijtgo', tiles.transpose(0, 1, 3, 2, 4),
                       k.transpose(0, 1, 3, 2, 4), precision=precision)
   prod = prod.reshape(a, a, n, th, tw, out)
