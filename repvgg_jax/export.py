@@ -17,7 +17,7 @@ import functools
 import os
 import shutil
 import tempfile
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -176,6 +176,29 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
   _write(output, deploy_variables, metadata, serialized, overwrite)
   log(f'wrote {output}')
   return metadata
+
+
+def load_deploy(directory: str, conv_impl: str = 'auto', dtype: Any = jnp.float32
+                ) -> tuple[Callable[[jax.Array], jax.Array], dict[str, Any]]:
+  """``(forward, metadata)`` of a deploy variables directory written by ``convert.py``.
+
+  ``forward(images)`` is the jitted deploy model (images normalized as ``metadata``
+  says). ``conv_impl='auto'`` picks the fastest measured implementation for the default
+  backend (``winograd.default_conv_impl``: Winograd F(4x4) on CPU at float32, XLA's
+  convolution elsewhere); on CPU also start JAX with ``bench.CPU_FAST_FLAGS``.
+  """
+  variables, metadata = checkpoint.load_variables(directory)
+  if metadata.get('structure') != 'deploy':
+    raise checkpoint.CheckpointError(f'{directory}: structure is '
+                                     f'{metadata.get("structure")!r}, not a deploy checkpoint')
+  if conv_impl == 'auto':
+    conv_impl = winograd.default_conv_impl(jax.default_backend(), dtype)
+  name = metadata['model']
+  net = create_model(name, metadata['num_classes'], deploy=True, dtype=dtype,
+                     conv_impl=conv_impl)
+  variables = jax.device_put(winograd.transform_kernels(variables, name, conv_impl))
+  apply = jax.jit(net.apply)
+  return functools.partial(apply, variables), metadata
 
 
 def _write(output: str, variables: Any, metadata: dict[str, Any],

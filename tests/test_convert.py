@@ -92,6 +92,14 @@ def test_stablehlo_export_runs_with_only_jax_at_any_batch_size(run, converted, t
     assert relative_error(out, train_logits(states[7], x)) < 1e-5
 
 
+def test_load_deploy_runs_the_fastest_cpu_path_within_the_bar(run, converted):
+  _, states = run
+  forward, metadata = export.load_deploy(converted)
+  assert metadata['model'] == MODEL
+  x = jax.random.normal(jax.random.PRNGKey(5), (3, SIZE, SIZE, 3))
+  assert relative_error(forward(x), train_logits(states[7], x)) < 1e-5
+
+
 def test_step_selects_an_older_checkpoint(run, tmp_path):
   workdir, _ = run
   assert convert.main(['--workdir', workdir, '--output', str(tmp_path / 'd'),
