@@ -355,8 +355,11 @@ def plot(records: Sequence[Record], path: str) -> None:
     rs = sorted(rs, key=lambda r: r.batch_size)
     left.plot([r.batch_size for r in rs], [r.images_per_second for r in rs], marker='o',
               label=f'{model} {structure}')
+  batch_sizes = sorted({r.batch_size for r in records})
   left.set(xscale='log', xlabel='batch size', ylabel='images/s',
            title=f'throughput ({records[0].dtype}, {records[0].image_size}px)')
+  left.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+  left.minorticks_off()
   left.legend(fontsize=7)
   largest = max(r.batch_size for r in records)
   for structure in dict.fromkeys(r.structure for r in records):
