@@ -138,7 +138,10 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
     raise checkpoint.CheckpointError(f'{output}: already exists (pass --overwrite to '
                                      'replace it)')
   train_variables, step, run = checkpoint.restore_training_variables(workdir, step)
-  run_model = run.get('model')
+  missing = [k for k in ('model', 'num_classes', 'image_size') if k not in run]
+  if missing:
+    raise checkpoint.CheckpointError(f'{workdir}/{checkpoint.RUN_METADATA}: lacks {missing}')
+  run_model = run['model']
   try:
     get_variant(run_model)
   except ValueError as e:
