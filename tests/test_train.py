@@ -1,0 +1,275 @@
+"""Training: data-parallel equivalence, multi-process, kill -9 and resume, clear errors,
+the paper's weight-decay rules, RepVGGplus's auxiliary loss.
+
+Full runs happen in subprocesses (each with its own device count) on a test-only model,
+``test-tiny`` (one block per stage, widths 8..64), registered inside the subprocess so the
+public model list stays unchanged; Fashion-MNIST at 16x16 keeps them to seconds.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import repvgg_jax as rv
+from repvgg_jax import checkpoint as ckpt
+from repvgg_jax import input_pipeline, train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = rv.Variant('test-tiny', (1, 1, 1, 1), (0.125, 0.125, 0.125, 0.125))
+STEPS = 6
+
+pytestmark = pytest.mark.skipif(not input_pipeline.debian_fashion_mnist_present(),
+                                reason='needs the Debian Fashion-MNIST files')
+
+# Runs train_and_evaluate on the tiny model. With KILL_AFTER_FIRST_CHECKPOINT set, the
+# process SIGKILLs itself once its first checkpoint is complete on disk.
+DRIVER = textwrap.dedent('''
+    import os, signal, sys
+    import jax
+    from repvgg_jax import checkpoint as ckpt, train_lib, variants
+    variants.VARIANTS['test-tiny'] = variants.Variant(
+        'test-tiny', (1, 1, 1, 1), (0.125, 0.125, 0.125, 0.125))
+    if os.environ.get('KILL_AFTER_FIRST_CHECKPOINT'):
+      make_manager = ckpt.checkpoint_manager
+      def killing_manager(*args, **kwargs):
+        manager = make_manager(*args, **kwargs)
+        save = manager.save
+        def save_then_die(*a, **k):
+          result = save(*a, **k)
+          manager.wait_until_finished()
+          os.kill(os.getpid(), signal.SIGKILL)
+          return result
+        manager.save = save_then_die
+        return manager
+      ckpt.checkpoint_manager = killing_manager
+    sys.argv[0] = 'train.py'
+    sys.path.insert(0, os.getcwd())
+    import train
+    from absl import app
+    app.run(train.main)
+''')
+
+
+def tiny_flags(**overrides):
+  config = dict(model='test-tiny', image_size=16, batch_size=8, eval_batch_size=2000,
+                num_train_steps=STEPS, log_every_steps=1, checkpoint_every_steps=2,
+                learning_rate=0.1, warmup_epochs=0, mixup_alpha=0.2, label_smoothing=0.1,
+                ema_decay=0.9)
+  config.update(overrides)
+  return [f'--config.{k}={v}' for k, v in config.items()]
+
+
+def run_training(workdir, devices=4, extra=(), env=None, process=None, wait=True):
+  environ = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+                 JAX_DISABLE_MOST_OPTIMIZATIONS='1', JAX_PLATFORMS='cpu', **(env or {}))
+  command = [sys.executable, '-c', DRIVER, '--config', 'configs/fashion_mnist.py',
+             '--workdir', str(workdir), *tiny_flags(), *extra]
+  if process is not None:
+    command += process
+  proc = subprocess.Popen(command, cwd=REPO, env=environ, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  if not wait:
+    return proc
+  out, err = proc.communicate(timeout=300)
+  return proc.returncode, out, err
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, train_lib.METRICS_FILE)) as f:
+    return [json.loads(line) for line in f]
+
+
+def train_losses(metrics):
+  return {m['step']: m['train_loss'] for m in metrics if 'train_loss' in m}
+
+
+def final_eval(metrics):
+  return [m for m in metrics if 'deploy_eval_accuracy' in m][-1]
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+  """The uninterrupted run on 4 devices in one process."""
+  workdir = tmp_path_factory.mktemp('four_devices')
+  code, _, err = run_training(workdir, devices=4)
+  assert code == 0, err
+  return workdir
+
+
+def test_reference_run_writes_the_documented_workdir(reference_run):
+  metrics = read_metrics(reference_run)
+  assert sorted(train_losses(metrics)) == list(range(1, STEPS + 1))
+  summary = final_eval(metrics)
+  # The deploy structure computes what the training-time one does.
+  assert summary['deploy_eval_accuracy'] == pytest.approx(summary['eval_accuracy'], abs=2e-3)
+  variables, step, metadata = ckpt.restore_training_variables(str(reference_run))
+  assert step == STEPS and metadata['model'] == 'test-tiny' and metadata['num_classes'] == 10
+  _, deploy_metadata = ckpt.load_variables(str(reference_run / train_lib.DEPLOY_DIR))
+  assert deploy_metadata['structure'] == 'deploy'
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(reference_run))
+
+
+def test_one_device_matches_four_devices(reference_run, tmp_path):
+  code, _, err = run_training(tmp_path, devices=1)
+  assert code == 0, err
+  ours, reference = read_metrics(tmp_path), read_metrics(reference_run)
+  for step, loss in train_losses(reference).items():
+    assert train_losses(ours)[step] == pytest.approx(loss, rel=1e-5), step
+  assert final_eval(ours)['eval_loss'] == pytest.approx(final_eval(reference)['eval_loss'],
+                                                        rel=1e-4)
+
+
+def test_two_processes_match_one_process(reference_run, tmp_path):
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  procs = [run_training(tmp_path, devices=2, wait=False, process=[
+      f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'])
+      for i in range(2)]
+  results = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
+  ours, reference = read_metrics(tmp_path), read_metrics(reference_run)
+  for step, loss in train_losses(reference).items():
+    assert train_losses(ours)[step] == pytest.approx(loss, rel=1e-5), step
+  assert final_eval(ours)['eval_accuracy'] == final_eval(reference)['eval_accuracy']
+
+
+def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path):
+  code, _, _ = run_training(tmp_path, env={'KILL_AFTER_FIRST_CHECKPOINT': '1'})
+  assert code == -signal.SIGKILL
+  assert ckpt.checkpoint_manager(str(tmp_path), read_only=True).all_steps() == [2]
+  code, _, err = run_training(tmp_path)
+  assert code == 0, err
+  ours, reference = read_metrics(tmp_path), read_metrics(reference_run)
+  assert train_losses(ours) == train_losses(reference)
+  assert final_eval(ours) == final_eval(reference)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+  for flag, expected in [('--config.model=RepVGG-Z9', "unknown model 'RepVGG-Z9'"),
+                         ('--config.dataset=no_such_dataset', 'no_such_dataset'),
+                         ('--config.batch_size=6', 'multiple of the 4 devices')]:
+    code, _, err = run_training(tmp_path / 'run', extra=[flag])
+    lines = [line for line in err.splitlines() if line.startswith('error:')]
+    assert code == 1 and len(lines) == 1 and expected in lines[0], err
+    assert 'Traceback' not in err
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  code, _, err = run_training(tmp_path, extra=[
+      '--config.learning_rate=1e30', '--config.checkpoint_every_steps=1',
+      '--config.mixup_alpha=0'])
+  assert code == 1, err
+  message = [line for line in err.splitlines() if line.startswith('error:')][0]
+  kept = ckpt.checkpoint_manager(str(tmp_path), read_only=True).latest_step()
+  assert kept is not None and f'NaN/inf at step {kept + 1}' in message
+  assert f'last good checkpoint is step {kept}' in message
+  variables, _, _ = ckpt.restore_training_variables(str(tmp_path))
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(variables))
+
+
+# ------------------------------------------------------------------------------------------
+# The optimizer rules, against the official PyTorch formulas.
+
+
+def block_tree(rng, cin=3, cout=4):
+  """One training-time RepVGG block's params and batch stats (Flax names, HWIO)."""
+  bn = lambda: {'scale': rng.uniform(0.5, 2, cout), 'bias': rng.normal(size=cout)}
+  params = {'conv3x3': {'conv': {'kernel': rng.normal(size=(3, 3, cin, cout))}, 'bn': bn()},
+            'conv1x1': {'conv': {'kernel': rng.normal(size=(1, 1, cin, cout))}, 'bn': bn()},
+            'identity': {'scale': rng.uniform(0.5, 2, cout), 'bias': rng.normal(size=cout)}}
+  stats = {b: {'bn': {'mean': rng.normal(size=cout), 'var': rng.uniform(0.5, 2, cout)}}
+           for b in ('conv3x3', 'conv1x1')}
+  return params, stats
+
+
+def test_weight_decay_mask_follows_the_official_names():
+  params, _ = block_tree(np.random.default_rng(0))
+  params = {'stage1_0': params, 'linear': {'kernel': np.ones((4, 2)), 'bias': np.ones(2)}}
+  decayed = lambda mask: sorted('/'.join(train_lib._path_names(p)) for p, v in
+                                jax.tree_util.tree_flatten_with_path(mask)[0] if v)
+  # Official: decay unless the name contains 'bias' or 'bn'; custwd also exempts
+  # rbr_dense (conv3x3) and rbr_1x1 (conv1x1).
+  assert decayed(train_lib.weight_decay_mask(params)) == [
+      'linear/kernel', 'stage1_0/conv1x1/conv/kernel', 'stage1_0/conv3x3/conv/kernel',
+      'stage1_0/identity/scale']
+  assert decayed(train_lib.weight_decay_mask(params, custom_l2=True)) == [
+      'linear/kernel', 'stage1_0/identity/scale']
+
+
+def test_custom_l2_is_the_official_get_custom_l2():
+  rng = np.random.default_rng(1)
+  params, stats = block_tree(rng)
+  # repvgg.py RepVGGBlock.get_custom_L2, on OIHW kernels as in PyTorch.
+  k3 = params['conv3x3']['conv']['kernel'].transpose(3, 2, 0, 1)
+  k1 = params['conv1x1']['conv']['kernel'].transpose(3, 2, 0, 1)
+  t3 = (params['conv3x3']['bn']['scale'] /
+        np.sqrt(stats['conv3x3']['bn']['var'] + 1e-5)).reshape(-1, 1, 1, 1)
+  t1 = (params['conv1x1']['bn']['scale'] /
+        np.sqrt(stats['conv1x1']['bn']['var'] + 1e-5)).reshape(-1, 1, 1, 1)
+  circle = (k3 ** 2).sum() - (k3[:, :, 1:2, 1:2] ** 2).sum()
+  eq_kernel = k3[:, :, 1:2, 1:2] * t3 + k1 * t1
+  official = (eq_kernel ** 2 / (t3 ** 2 + t1 ** 2)).sum() + circle
+  tree = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), t)
+  ours = train_lib.custom_l2_penalty({'stage0': tree(params)}, {'stage0': tree(stats)})
+  assert float(ours) == pytest.approx(official, rel=1e-5)
+  # Two blocks count twice; BN factors are constants (no gradient into gamma).
+  grads = jax.grad(train_lib.custom_l2_penalty)(
+      {'a': tree(params), 'b': tree(params)}, {'a': tree(stats), 'b': tree(stats)})
+  assert not np.any(grads['a']['conv3x3']['bn']['scale'])
+
+
+def test_conv_by_patches_equals_xla_convolution():
+  # Output maps of at most 2x2: the ones conv_impl='patches' computes by im2col.
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 2, 5))
+  for kernel, stride in [(3, 1), (3, 2), (1, 2)]:
+    w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 5, 6))
+    pad = ((kernel // 2,) * 2,) * 2
+    args = ((stride, stride), pad)
+    dims = ('NHWC', 'HWIO', 'NHWC')
+    xla = jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
+        x, w, *args, dimension_numbers=dims))), (0, 1))(x, w)
+    ours = jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(train_lib.conv_by_patches(
+        x, w, *args, dimension_numbers=dims))), (0, 1))(x, w)
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(xla)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_repvggplus_step_trains_the_auxiliary_heads():
+  variant = rv.Variant('test-plus', (1, 1, 2, 1), (0.125, 0.125, 0.125, 0.125), se='post',
+                       plus=True)
+  model = rv.RepVGG(variant, num_classes=3, bn_axis_name=train_lib.AXIS)
+  images = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
+  variables = model.init(jax.random.PRNGKey(1), images[:1])
+  tx, schedule = optax.sgd(0.1), optax.constant_schedule(0.1)
+  state = {'step': jnp.int32(0), 'params': variables['params'],
+           'batch_stats': variables['batch_stats'], 'opt_state': tx.init(variables['params'])}
+  batch = {'image': images, 'label': jnp.array([0, 1, 2, 0])}
+
+  def one_step(weight):
+    options = train_lib.StepOptions(num_classes=3, aux_loss_weight=weight)
+    step = lambda s, b: train_lib.train_step(s, b, jax.random.PRNGKey(2), model=model,
+                                             tx=tx, schedule=schedule, options=options)
+    # A plain function of one replica: vmap with the axis name stands in for pmap.
+    add_axis = lambda t: jax.tree_util.tree_map(lambda x: x[None], t)
+    new_state, metrics = jax.vmap(step, axis_name=train_lib.AXIS)(add_axis(state),
+                                                                  add_axis(batch))
+    return new_state['params'], metrics
+
+  params, metrics = one_step(0.1)
+  assert np.isfinite(metrics['train_loss']) and metrics['finite'][0] == 1
+  head = params['stage2_aux']['fc']['kernel'][0]
+  assert not np.allclose(head, variables['params']['stage2_aux']['fc']['kernel'])
+  untouched, _ = one_step(0.0)
+  np.testing.assert_array_equal(untouched['stage2_aux']['fc']['kernel'][0],
+                                variables['params']['stage2_aux']['fc']['kernel'])
