@@ -25,33 +25,34 @@ from repvgg_jax import checkpoint as ckpt
 from repvgg_jax import input_pipeline, train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = rv.Variant('test-tiny', (1, 1, 1, 1), (0.125, 0.125, 0.125, 0.125))
 STEPS = 6
 
 pytestmark = pytest.mark.skipif(not input_pipeline.debian_fashion_mnist_present(),
                                 reason='needs the Debian Fashion-MNIST files')
 
-# Runs train_and_evaluate on the tiny model. With KILL_AFTER_FIRST_CHECKPOINT set, the
-# process SIGKILLs itself once its first checkpoint is complete on disk.
+# Runs train.py on the tiny model. With SIGNAL_AFTER_FIRST_CHECKPOINT=KILL (or TERM) the
+# process sends itself that signal once its first checkpoint is complete on disk.
 DRIVER = textwrap.dedent('''
     import os, signal, sys
     import jax
     from repvgg_jax import checkpoint as ckpt, train_lib, variants
     variants.VARIANTS['test-tiny'] = variants.Variant(
         'test-tiny', (1, 1, 1, 1), (0.125, 0.125, 0.125, 0.125))
-    if os.environ.get('KILL_AFTER_FIRST_CHECKPOINT'):
+    if os.environ.get('SIGNAL_AFTER_FIRST_CHECKPOINT'):
+      signum = getattr(signal, 'SIG' + os.environ['SIGNAL_AFTER_FIRST_CHECKPOINT'])
       make_manager = ckpt.checkpoint_manager
-      def killing_manager(*args, **kwargs):
+      def signalling_manager(*args, **kwargs):
         manager = make_manager(*args, **kwargs)
         save = manager.save
-        def save_then_die(*a, **k):
+        def save_then_signal(*a, **k):
           result = save(*a, **k)
           manager.wait_until_finished()
-          os.kill(os.getpid(), signal.SIGKILL)
+          manager.save = save
+          os.kill(os.getpid(), signum)
           return result
-        manager.save = save_then_die
+        manager.save = save_then_signal
         return manager
-      ckpt.checkpoint_manager = killing_manager
+      ckpt.checkpoint_manager = signalling_manager
     sys.argv[0] = 'train.py'
     sys.path.insert(0, os.getcwd())
     import train
@@ -145,7 +146,7 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path):
-  code, _, _ = run_training(tmp_path, env={'KILL_AFTER_FIRST_CHECKPOINT': '1'})
+  code, _, _ = run_training(tmp_path, env={'SIGNAL_AFTER_FIRST_CHECKPOINT': 'KILL'})
   assert code == -signal.SIGKILL
   assert ckpt.checkpoint_manager(str(tmp_path), read_only=True).all_steps() == [2]
   code, _, err = run_training(tmp_path)
@@ -153,6 +154,13 @@ def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path):
   ours, reference = read_metrics(tmp_path), read_metrics(reference_run)
   assert train_losses(ours) == train_losses(reference)
   assert final_eval(ours) == final_eval(reference)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  code, out, err = run_training(tmp_path, env={'SIGNAL_AFTER_FIRST_CHECKPOINT': 'TERM'})
+  assert code == 0, err
+  assert 'stopped by SIGTERM at step 2 of 6' in out
+  assert ckpt.checkpoint_manager(str(tmp_path), read_only=True).all_steps() == [2]
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -1,0 +1,52 @@
+r"""RepVGG-A/B on ImageNet, the paper's recipe (Sec. 4.1; official README).
+
+120 epochs, batch 256, SGD momentum 0.9, learning rate 0.1 per 256 images with cosine
+decay to 0, weight decay 1e-4 (not on biases nor on the BN of the 3x3/1x1 branches), simple
+augmentation (random-resized-crop + flip), 224x224. The argument selects the model::
+
+    python train.py --config configs/imagenet_a_b.py:RepVGG-B1 --workdir runs/b1 \
+        --config.data_dir ~/tensorflow_datasets
+
+Expected top-1 (the paper's Table 4): A0 72.41, A1 74.46, A2 76.48, B0 75.14, B1 78.37,
+B1g2 77.78, B1g4 77.58, B2 78.78. ``imagenet2012`` must be prepared in ``data_dir`` first
+(the run says how when it is not). Multi-host: add ``--coordinator_address``,
+``--num_processes``, ``--process_id`` (or let the cluster be detected).
+"""
+
+import ml_collections
+
+
+def get_config(model: str = 'RepVGG-A0') -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model = model or 'RepVGG-A0'
+  config.dataset = 'imagenet2012'
+  config.data_dir = ''            # the TFDS data_dir holding imagenet2012
+  config.image_size = 224
+  config.augment = 'simple'
+  config.min_crop_scale = 0.08
+  config.crop_fraction = 0.875
+
+  config.batch_size = 256         # global, over all devices and processes
+  config.eval_batch_size = 0      # 0: batch_size
+  config.num_epochs = 120.0
+  config.num_train_steps = 0      # > 0 overrides num_epochs
+  config.learning_rate = 0.1      # per 256 images; scaled by batch_size / 256
+  config.warmup_epochs = 0.0
+  config.momentum = 0.9
+  config.nesterov = False
+  config.weight_decay = 1e-4
+  config.custom_l2 = False        # the official get_custom_L2 instead of plain decay
+  config.label_smoothing = 0.0
+  config.mixup_alpha = 0.0
+  config.ema_decay = 0.0          # 0: no EMA of the weights
+  config.aux_loss_weight = 0.1    # RepVGGplus only
+  config.init_from = ''           # a variables directory written by convert.py
+
+  config.dtype = 'float32'        # 'bfloat16': bfloat16 compute, float32 parameters
+  config.conv_impl = 'xla'        # 'patches' helps only on CPU with tiny feature maps
+  config.seed = 0
+  config.log_every_steps = 100
+  config.eval_every_steps = 5000  # 0: evaluate at the end only
+  config.checkpoint_every_steps = 2000
+  config.keep_checkpoints = 3
+  return config
