@@ -347,29 +347,38 @@ def plot(records: Sequence[Record], path: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+  fig, (left, right) = plt.subplots(1, 2, figsize=(16, 6))
   series: dict[tuple[str, str], list[Record]] = {}
   for r in records:
     series.setdefault((r.model, r.structure), []).append(r)
+  # One colour per structure, one line style and marker per model.
+  structures = list(dict.fromkeys(r.structure for r in records))
+  models = list(dict.fromkeys(r.model for r in records))
+  colors = {s: plt.get_cmap('tab10')(i % 10) for i, s in enumerate(structures)}
+  styles = {m: ('-o', '--s', ':^', '-.D')[i % 4] for i, m in enumerate(models)}
   for (model, structure), rs in series.items():
     rs = sorted(rs, key=lambda r: r.batch_size)
-    left.plot([r.batch_size for r in rs], [r.images_per_second for r in rs], marker='o',
-              label=f'{model} {structure}')
+    left.plot([r.batch_size for r in rs], [r.images_per_second for r in rs], styles[model],
+              color=colors[structure], label=f'{model} {structure}')
   batch_sizes = sorted({r.batch_size for r in records})
   left.set(xscale='log', xlabel='batch size', ylabel='images/s',
            title=f'throughput ({records[0].dtype}, {records[0].image_size}px)')
   left.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
   left.minorticks_off()
-  left.legend(fontsize=7)
+  left.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))
   largest = max(r.batch_size for r in records)
-  for structure in dict.fromkeys(r.structure for r in records):
+  for structure in structures:
     points = [r for r in records if r.structure == structure and r.batch_size == largest
               and r.top1 is not None]
     if points:
       right.scatter([r.images_per_second for r in points], [r.top1 for r in points],
-                    label=structure)
-      for r in points:
-        right.annotate(r.model, (r.images_per_second, r.top1), fontsize=7)
+                    color=colors[structure], label=structure)
+  for model in models:
+    points = [r for r in records if r.model == model and r.batch_size == largest
+              and r.top1 is not None]
+    if points:
+      right.annotate(model, (min(r.images_per_second for r in points), points[0].top1),
+                     textcoords='offset points', xytext=(0, 6), fontsize=8)
   right.set(xlabel=f'images/s at batch {largest}', ylabel='ImageNet top-1 (%, published)',
             title='speed vs accuracy')
   right.legend(fontsize=7)
