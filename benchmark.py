@@ -102,6 +102,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError as e:
       print(f'benchmark.py: error: --torch needs torch and timm ({e})', file=sys.stderr)
       return 1
+  if args.plot:
+    try:
+      import matplotlib  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+      print('benchmark.py: error: --plot needs matplotlib (pip install matplotlib)',
+            file=sys.stderr)
+      return 1
   for path in (args.json, args.plot):
     if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
       print(f'benchmark.py: error: {path}: no such directory', file=sys.stderr)
