@@ -49,12 +49,14 @@ def relative_error(output: Any, reference: Any) -> float:
 
 
 def check_structure(variables: Any, model: str, num_classes: int, deploy: bool,
-                    where: str) -> None:
+                    where: str, channels: int = 3) -> None:
   """Raise CheckpointError naming the first leaf that ``create_model(model, num_classes,
-  deploy)`` does not have with this shape (a checkpoint of another model, say)."""
+  deploy)`` for ``channels`` input channels does not have with this shape (a checkpoint
+  of another model, say)."""
   net = create_model(model, num_classes=num_classes, deploy=deploy)
   # Parameter shapes do not depend on the input size: a small image keeps this cheap.
-  expected = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  expected = jax.eval_shape(net.init, jax.random.PRNGKey(0),
+                            jnp.zeros((1, 32, 32, channels)))
   if not deploy:
     expected = {k: expected[k] for k in ('params', 'batch_stats')}
   want = {jax.tree_util.keystr(p): tuple(x.shape)
@@ -73,11 +75,12 @@ def check_structure(variables: Any, model: str, num_classes: int, deploy: bool,
 
 
 def verify_deploy(model: str, num_classes: int, train_variables: Any, deploy_variables: Any,
-                  image_size: int, conv_impl: str = 'xla', batch_size: int = 2,
-                  seed: int = 0) -> float:
+                  image_size: int, conv_impl: str = 'xla', channels: int = 3,
+                  batch_size: int = 2, seed: int = 0) -> float:
   """Relative error of the deploy model's logits against the training-time model's (eval
   mode) on a random normal batch, both at float32 and full matmul precision."""
-  x = jax.random.normal(jax.random.PRNGKey(seed), (batch_size, image_size, image_size, 3))
+  x = jax.random.normal(jax.random.PRNGKey(seed),
+                        (batch_size, image_size, image_size, channels))
   reference = _exact_forward(model, num_classes, False, 'xla')(train_variables, x)
   output = _exact_forward(model, num_classes, True, conv_impl)(deploy_variables, x)
   return relative_error(output, reference)
@@ -93,15 +96,16 @@ def _exact_forward(model: str, num_classes: int, deploy: bool, conv_impl: str) -
 
 
 def export_deploy(model: str, num_classes: int, deploy_variables: Any, image_size: int,
-                  conv_impl: str = 'xla',
+                  conv_impl: str = 'xla', channels: int = 3,
                   platforms: Optional[Sequence[str]] = EXPORT_PLATFORMS) -> bytes:
   """A serialized ``jax.export`` of the deploy forward pass, weights embedded as
-  constants, input ``[batch, image_size, image_size, 3]`` float32 with a symbolic batch."""
+  constants, input ``[batch, image_size, image_size, channels]`` float32 with a symbolic
+  batch."""
   net = create_model(model, num_classes, deploy=True, conv_impl=conv_impl)
   variables = jax.tree_util.tree_map(jnp.asarray, deploy_variables)
   forward = jax.jit(lambda x: net.apply(variables, x))
   batch, = jax.export.symbolic_shape('batch')
-  spec = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+  spec = jax.ShapeDtypeStruct((batch, image_size, image_size, channels), jnp.float32)
   return jax.export.export(forward, platforms=platforms)(spec).serialize()
 
 
@@ -150,13 +154,17 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
     raise checkpoint.CheckpointError(f'{workdir}: a {run_model} run, not {model}')
   num_classes = int(run['num_classes'])
   image_size = int(run['image_size'])
-  check_structure(train_variables, run_model, num_classes, False, f'{workdir} step {step}')
+  mean = run.get('mean', checkpoint.IMAGENET_MEAN)
+  std = run.get('std', checkpoint.IMAGENET_STD)
+  channels = len(mean)  # one normalization constant per input channel (1 for grey)
+  check_structure(train_variables, run_model, num_classes, False, f'{workdir} step {step}',
+                  channels)
   log(f'{run_model}: step {step} of {workdir}, {num_classes} classes, {image_size}px')
 
   deploy_variables = jax.tree_util.tree_map(np.asarray, reparameterize(train_variables))
   checked = winograd.transform_kernels(deploy_variables, run_model, conv_impl)
   error = verify_deploy(run_model, num_classes, train_variables, checked, image_size,
-                        conv_impl)
+                        conv_impl, channels)
   log(f'deploy ({conv_impl}) vs training-time logits: relative error {error:.2e} '
       f'(limit {TOLERANCE:.0e})')
   if not error <= TOLERANCE:
@@ -165,16 +173,15 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
                           'logits); nothing written')
 
   metadata = checkpoint.model_metadata(
-      run_model, num_classes, image_size, run.get('mean', checkpoint.IMAGENET_MEAN),
-      run.get('std', checkpoint.IMAGENET_STD), structure='deploy', source=os.path.abspath(
-          workdir), step=int(step), conversion_relative_error=error)
+      run_model, num_classes, image_size, mean, std, structure='deploy',
+      source=os.path.abspath(workdir), step=int(step), conversion_relative_error=error)
   serialized = None
   if export:
     serialized = export_deploy(run_model, num_classes, checked, image_size, conv_impl,
-                               platforms)
+                               channels, platforms)
     metadata['export'] = {'file': EXPORT_FILE, 'format': export, 'conv_impl': conv_impl,
                           'platforms': list(platforms or [jax.default_backend()]),
-                          'input': ['batch', image_size, image_size, 3]}
+                          'input': ['batch', image_size, image_size, channels]}
     log(f'exported {len(serialized) / 2**20:.1f} MiB ({export}, {conv_impl}, symbolic batch)')
   _write(output, deploy_variables, metadata, serialized, overwrite)
   log(f'wrote {output}')

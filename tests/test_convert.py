@@ -15,20 +15,23 @@ import repvgg_jax as rv
 from conftest import random_variables, relative_error
 from repvgg_jax import checkpoint, export
 
-MODEL, CLASSES, SIZE = 'RepVGG-A0', 10, 32
-MEAN, STD = (1.0, 2.0, 3.0), (4.0, 5.0, 6.0)
+# Grey images, as Fashion-MNIST's: the channel count comes from the normalization.
+MODEL, CLASSES, SIZE, CHANNELS = 'RepVGG-A0', 10, 32, 1
+MEAN, STD = (1.0,), (4.0,)
 
 
-def write_run(workdir, steps_and_seeds, model=MODEL):
+def write_run(workdir, steps_and_seeds, model=MODEL, channels=CHANNELS):
   """A training run as train.py writes it: run.json and checkpoints/<step>/state."""
   os.makedirs(workdir, exist_ok=True)
   checkpoint.write_json(os.path.join(workdir, checkpoint.RUN_METADATA),
-                        checkpoint.model_metadata(model, CLASSES, SIZE, MEAN, STD))
+                        checkpoint.model_metadata(model, CLASSES, SIZE, MEAN * channels,
+                                                  STD * channels))
   net = rv.create_model(MODEL, CLASSES)
   states = {}
   with checkpoint.checkpoint_manager(workdir) as manager:
     for step, seed in steps_and_seeds:
-      states[step] = random_variables(net, np.zeros((1, SIZE, SIZE, 3), np.float32), seed)
+      states[step] = random_variables(net, np.zeros((1, SIZE, SIZE, channels), np.float32),
+                                      seed)
       manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(
           {**states[step], 'step': np.int64(step)})))
   return states
@@ -63,7 +66,7 @@ def test_writes_a_deploy_checkpoint_of_the_latest_step_that_reproduces_training(
       MODEL, CLASSES, SIZE)
   assert (tuple(metadata['mean']), tuple(metadata['std'])) == (MEAN, STD)
   assert metadata['conversion_relative_error'] < export.TOLERANCE
-  x = jax.random.normal(jax.random.PRNGKey(5), (3, SIZE, SIZE, 3))
+  x = jax.random.normal(jax.random.PRNGKey(5), (3, SIZE, SIZE, CHANNELS))
   deploy = rv.create_model(MODEL, CLASSES, deploy=True)
   assert relative_error(deploy.apply(variables, x), train_logits(states[7], x)) < 1e-5
 
@@ -77,7 +80,7 @@ def test_stablehlo_export_runs_with_only_jax_at_any_batch_size(run, converted, t
       'import sys, jax, numpy as np\n'
       f'exported = jax.export.deserialize(open(sys.argv[1], "rb").read())\n'
       'for n in (1, 3):\n'
-      '  x = np.random.default_rng(n).normal(size=(n, 32, 32, 3)).astype(np.float32)\n'
+      '  x = np.random.default_rng(n).normal(size=(n, 32, 32, 1)).astype(np.float32)\n'
       '  np.save(f"{sys.argv[2]}/out{n}.npy", np.asarray(exported.call(x)))\n')
   # Not the project's path (-I, no PYTHONPATH); fast compiles as in conftest.
   env = {**{k: v for k, v in os.environ.items() if k != 'PYTHONPATH'},
@@ -86,7 +89,7 @@ def test_stablehlo_export_runs_with_only_jax_at_any_batch_size(run, converted, t
                   os.path.join(converted, export.EXPORT_FILE), str(tmp_path)],
                  check=True, env=env, cwd=tmp_path)
   for n in (1, 3):
-    x = np.random.default_rng(n).normal(size=(n, SIZE, SIZE, 3)).astype(np.float32)
+    x = np.random.default_rng(n).normal(size=(n, SIZE, SIZE, CHANNELS)).astype(np.float32)
     out = np.load(tmp_path / f'out{n}.npy')
     assert out.shape == (n, CLASSES)
     assert relative_error(out, train_logits(states[7], x)) < 1e-5
@@ -96,7 +99,7 @@ def test_load_deploy_runs_the_fastest_cpu_path_within_the_bar(run, converted):
   _, states = run
   forward, metadata = export.load_deploy(converted)
   assert metadata['model'] == MODEL
-  x = jax.random.normal(jax.random.PRNGKey(5), (3, SIZE, SIZE, 3))
+  x = jax.random.normal(jax.random.PRNGKey(5), (3, SIZE, SIZE, CHANNELS))
   assert relative_error(forward(x), train_logits(states[7], x)) < 1e-5
 
 
@@ -174,9 +177,11 @@ def test_a_deploy_model_off_by_more_than_1e5_is_not_written(run, tmp_path, monke
   assert os.listdir(tmp_path) == []
 
 
-def test_torch_round_trip_through_convert(run, tmp_path):
+def test_torch_round_trip_through_convert(tmp_path):
   pytest.importorskip('torch')
-  workdir, states = run
+  # PyTorch's RepVGG takes RGB images.
+  workdir = str(tmp_path / 'rgb_run')
+  states = write_run(workdir, [(7, 3)], channels=3)
   pth = tmp_path / 'a0.pth'
   assert convert.main(['--workdir', workdir, '--to-torch', str(pth), '--naming', 'timm']) == 0
   imported = tmp_path / 'imported'
