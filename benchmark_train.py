@@ -51,7 +51,8 @@ def jax_images_per_second() -> float:
   import repvgg_jax as rv
   from repvgg_jax import train_lib
 
-  model = rv.create_model(FLAGS.model, FLAGS.num_classes, bn_axis_name=train_lib.AXIS)
+  model = rv.create_model(FLAGS.model, FLAGS.num_classes, bn_axis_name=train_lib.AXIS,
+                          conv_impl=FLAGS.conv_impl)
   shape = (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, *shape[1:])))
   schedule = train_lib.learning_rate_schedule(0.1, 0, 1000)
@@ -61,7 +62,7 @@ def jax_images_per_second() -> float:
            'batch_stats': variables['batch_stats'], 'opt_state': tx.init(variables['params'])}
   step = jax.pmap(functools.partial(
       train_lib.train_step, model=model, tx=tx, schedule=schedule,
-      options=train_lib.StepOptions(FLAGS.num_classes, conv_impl=FLAGS.conv_impl)),
+      options=train_lib.StepOptions(FLAGS.num_classes)),
       axis_name=train_lib.AXIS, in_axes=(0, 0, None))
   rng = np.random.default_rng(0)
   devices = jax.local_device_count()  # 1 on a CPU unless XLA_FLAGS says otherwise

@@ -20,7 +20,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from repvgg_jax import export, winograd
+from repvgg_jax import convolution, export
 from repvgg_jax.checkpoint import CheckpointError
 from repvgg_jax.variants import list_models
 
@@ -49,10 +49,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--export', choices=export.EXPORT_FORMATS,
                       help='also write a jax.export artifact of the deploy model '
                       f'({export.EXPORT_FILE}, symbolic batch size)')
-  parser.add_argument('--conv', choices=('auto',) + winograd.CONV_IMPLS, default='auto',
-                      help='3x3 conv of the exported deploy model: XLA\'s, or Winograd '
-                      'for the stride-1 layers (checked against the 1e-5 bar too); auto '
-                      '(default): winograd4 for a CPU-only export, xla otherwise')
+  parser.add_argument('--conv', choices=('auto',) + convolution.CONV_IMPLS, default='auto',
+                      help='3x3 conv of the exported deploy model: XLA\'s, im2col on maps '
+                      'of <= 4 pixels (patches), or Winograd for the stride-1 layers '
+                      '(checked against the 1e-5 bar too); auto (default): winograd4 for '
+                      'a CPU-only export, xla otherwise')
   parser.add_argument('--platforms', default=','.join(export.EXPORT_PLATFORMS),
                       help='platforms lowered into the export (default: %(default)s)')
   parser.add_argument('--overwrite', action='store_true', help='replace an existing output')
@@ -96,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       platforms = args.platforms.split(',')
       conv_impl = args.conv
       if conv_impl == 'auto':
-        conv_impl = (winograd.default_conv_impl(platforms[0])
+        conv_impl = (convolution.default_conv_impl(platforms[0])
                      if args.export and len(platforms) == 1 else 'xla')
       export.convert_training_run(
           args.workdir, args.output, step=args.step, model=args.model, export=args.export,

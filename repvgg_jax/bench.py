@@ -14,6 +14,7 @@ structures and algorithms (Winograd performs fewer multiplies than it is credite
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import winograd
+from repvgg_jax import convolution, winograd
 from repvgg_jax.models import count_params, create_model, deploy_macs
 from repvgg_jax.reparam import reparameterize
 from repvgg_jax.variants import get_variant
@@ -53,7 +54,7 @@ TORCH_VARIANTS = {
 def default_structures(dtype: str) -> tuple[str, ...]:
   """The training-time graph, XLA's deploy graph, and the fastest deploy graph of the
   default backend when that is another (Winograd on CPU at float32)."""
-  fastest = winograd.default_conv_impl(jax.default_backend(), DTYPES[dtype])
+  fastest = convolution.default_conv_impl(jax.default_backend(), DTYPES[dtype])
   return ('train', 'deploy') + ((f'deploy-{fastest}',) if fastest != 'xla' else ())
 
 
@@ -84,14 +85,22 @@ def set_cpu_flags(enable: bool = True) -> bool:
   """Add ``CPU_FAST_FLAGS`` to ``XLA_FLAGS``; True when they are (or already were) set.
 
   XLA reads the flags when its first backend starts: once JAX has computed anything, this
-  changes nothing and returns False.
+  changes nothing and returns False. Nor does it where a GPU/TPU plugin is installed: the
+  CPU is not the device there, and an XLA that does not know a flag refuses to start.
   """
   if CPU_FAST_FLAGS.split('=')[0] in os.environ.get('XLA_FLAGS', ''):
     return True
-  if not enable or jax._src.xla_bridge.backends_are_initialized():  # pylint: disable=protected-access
+  if (not enable or jax._src.xla_bridge.backends_are_initialized()  # pylint: disable=protected-access
+      or _accelerator_plugin_installed()):
     return False
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_FAST_FLAGS}".strip()
   return True
+
+
+def _accelerator_plugin_installed() -> bool:
+  names = ((d.metadata.get('Name') or '').lower() for d in importlib.metadata.distributions())
+  return any(n.startswith(('jax-cuda', 'jax_cuda', 'jax-rocm', 'jax_rocm', 'libtpu'))
+             for n in names)
 
 
 def device_description() -> str:

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from repvgg_jax.convolution import WINOGRAD_IMPLS, conv_general_dilated
 from repvgg_jax.variants import SEPosition
 from repvgg_jax.winograd import WinogradConv3x3
 
@@ -40,7 +41,8 @@ def batch_norm(train: bool, axis_name: Optional[str], dtype: Dtype, name: str) -
 
 
 class ConvBN(nn.Module):
-  """A bias-free convolution followed by BatchNorm (``conv`` and ``bn``)."""
+  """A bias-free convolution followed by BatchNorm (``conv`` and ``bn``); ``conv_impl``:
+  ``'xla'`` or ``'patches'`` (see ``convolution.py``)."""
   features: int
   kernel_size: int
   strides: int = 1
@@ -48,13 +50,15 @@ class ConvBN(nn.Module):
   dtype: Dtype = jnp.float32
   precision: Precision = None
   bn_axis_name: Optional[str] = None
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     k = self.kernel_size
     x = nn.Conv(self.features, (k, k), strides=self.strides, padding=_padding(k),
                 feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
-                precision=self.precision, name='conv')(x)
+                precision=self.precision,
+                conv_general_dilated=conv_general_dilated(self.conv_impl), name='conv')(x)
     return batch_norm(train, self.bn_axis_name, self.dtype, 'bn')(x)
 
 
@@ -91,9 +95,10 @@ class RepVGGBlock(nn.Module):
       ``'post'`` (SE after the ReLU: RepVGGplus).
     se_reduction: channel reduction inside the SE block.
     deploy: build the inference structure (one biased 3x3 conv) instead of the branches.
-    conv_impl: the deploy conv of a stride-1 block: ``'xla'`` (``nn.Conv``) or
-      ``'winograd2'``/``'winograd4'`` (``winograd.WinogradConv3x3``, whose kernel is
-      Winograd-transformed, see ``winograd.transform_kernels``).
+    conv_impl: how the convolutions are computed (``convolution.CONV_IMPLS``): ``'xla'``,
+      ``'patches'``, or in a deploy block ``'winograd2'``/``'winograd4'``, whose stride-1
+      conv is a ``winograd.WinogradConv3x3`` with a Winograd-domain kernel (see
+      ``winograd.transform_kernels``; stride-2 blocks keep XLA's conv).
   """
   features: int
   strides: int = 1
@@ -108,17 +113,19 @@ class RepVGGBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    if self.deploy and self.conv_impl != 'xla' and self.strides == 1:
+    if self.deploy and self.conv_impl in WINOGRAD_IMPLS and self.strides == 1:
       y = WinogradConv3x3(self.features, self.conv_impl, self.groups, self.dtype,
                           self.precision, name='reparam_conv')(x)
     elif self.deploy:
       y = nn.Conv(self.features, (3, 3), strides=self.strides, padding=_padding(3),
                   feature_group_count=self.groups, use_bias=True, dtype=self.dtype,
-                  precision=self.precision, name='reparam_conv')(x)
+                  precision=self.precision,
+                  conv_general_dilated=conv_general_dilated(self.conv_impl),
+                  name='reparam_conv')(x)
     else:
       branch = dict(features=self.features, strides=self.strides, groups=self.groups,
                     dtype=self.dtype, precision=self.precision,
-                    bn_axis_name=self.bn_axis_name)
+                    bn_axis_name=self.bn_axis_name, conv_impl=self.conv_impl)
       y = ConvBN(kernel_size=3, name='conv3x3', **branch)(x, train)
       y = y + ConvBN(kernel_size=1, name='conv1x1', **branch)(x, train)
       if x.shape[-1] == self.features and self.strides == 1:

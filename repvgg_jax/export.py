@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import checkpoint, winograd
+from repvgg_jax import checkpoint, convolution, winograd
 from repvgg_jax.models import create_model
 from repvgg_jax.reparam import reparameterize
 from repvgg_jax.variants import get_variant
@@ -134,9 +134,7 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
   """
   if export is not None and export not in EXPORT_FORMATS:
     raise ValueError(f'unknown export format {export!r}; accepted: {", ".join(EXPORT_FORMATS)}')
-  if conv_impl not in winograd.CONV_IMPLS:
-    raise ValueError(f'unknown conv implementation {conv_impl!r}; accepted: '
-                     f'{", ".join(winograd.CONV_IMPLS)}')
+  convolution.check_conv_impl(conv_impl, deploy=True)
   output = os.path.abspath(output)
   if os.path.exists(output) and not overwrite:
     raise checkpoint.CheckpointError(f'{output}: already exists (pass --overwrite to '
@@ -194,7 +192,7 @@ def load_deploy(directory: str, conv_impl: str = 'auto', dtype: Any = jnp.float3
 
   ``forward(images)`` is the jitted deploy model (images normalized as ``metadata``
   says). ``conv_impl='auto'`` picks the fastest measured implementation for the default
-  backend (``winograd.default_conv_impl``: Winograd F(4x4) on CPU at float32, XLA's
+  backend (``convolution.default_conv_impl``: Winograd F(4x4) on CPU at float32, XLA's
   convolution elsewhere); on CPU also start JAX with ``bench.CPU_FAST_FLAGS``.
   """
   variables, metadata = checkpoint.load_variables(directory)
@@ -202,7 +200,7 @@ def load_deploy(directory: str, conv_impl: str = 'auto', dtype: Any = jnp.float3
     raise checkpoint.CheckpointError(f'{directory}: structure is '
                                      f'{metadata.get("structure")!r}, not a deploy checkpoint')
   if conv_impl == 'auto':
-    conv_impl = winograd.default_conv_impl(jax.default_backend(), dtype)
+    conv_impl = convolution.default_conv_impl(jax.default_backend(), dtype)
   name = metadata['model']
   net = create_model(name, metadata['num_classes'], deploy=True, dtype=dtype,
                      conv_impl=conv_impl)

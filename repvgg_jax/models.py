@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from repvgg_jax.blocks import ConvBN, Dtype, Precision, RepVGGBlock
 from repvgg_jax.variants import Variant, get_variant
-from repvgg_jax.winograd import CONV_IMPLS
+from repvgg_jax.convolution import check_conv_impl
 
 
 class LayerSpec(NamedTuple):
@@ -58,11 +58,13 @@ class AuxHead(nn.Module):
   dtype: Dtype = jnp.float32
   precision: Precision = None
   bn_axis_name: Optional[str] = None
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = ConvBN(x.shape[-1], 3, strides=2, dtype=self.dtype, precision=self.precision,
-               bn_axis_name=self.bn_axis_name, name='downsample')(x, train)
+               bn_axis_name=self.bn_axis_name, conv_impl=self.conv_impl,
+               name='downsample')(x, train)
     x = jnp.mean(nn.relu(x), axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, precision=self.precision, name='fc')(x)
     return x.astype(_logits_dtype(self.dtype))
@@ -85,8 +87,10 @@ class RepVGG(nn.Module):
     precision: matmul/conv precision, e.g. ``'highest'`` for exact float32 on GPU/TPU.
     bn_axis_name: mapped axis over which training-time BatchNorm statistics are
       averaged (the ``axis_name`` of ``jax.pmap``/``shard_map``), None for local.
-    conv_impl: deploy only: ``'xla'``, or ``'winograd2'``/``'winograd4'`` for the
-      stride-1 convs, whose variables come from ``winograd.transform_kernels``.
+    conv_impl: how convolutions are computed, one of ``convolution.CONV_IMPLS``:
+      ``'xla'``; ``'patches'`` (im2col on tiny maps, for CPU training); deploy only,
+      ``'winograd2'``/``'winograd4'`` for the stride-1 convs, whose variables come from
+      ``winograd.transform_kernels``.
   """
   variant: Variant
   num_classes: int = 1000
@@ -98,9 +102,7 @@ class RepVGG(nn.Module):
 
   def setup(self):
     v = self.variant
-    if self.conv_impl not in CONV_IMPLS or (self.conv_impl != 'xla' and not self.deploy):
-      raise ValueError(f'conv_impl {self.conv_impl!r}: accepted are {", ".join(CONV_IMPLS)}, '
-                       'and other than xla only with deploy=True')
+    check_conv_impl(self.conv_impl, self.deploy)
     block = functools.partial(
         RepVGGBlock, se=v.se, se_reduction=v.se_reduction, deploy=self.deploy,
         dtype=self.dtype, precision=self.precision, bn_axis_name=self.bn_axis_name,
@@ -117,7 +119,7 @@ class RepVGG(nn.Module):
     if v.plus and not self.deploy:
       for name in AUX_STAGES:
         setattr(self, f'{name}_aux', AuxHead(self.num_classes, self.dtype, self.precision,
-                                             self.bn_axis_name))
+                                             self.bn_axis_name, self.conv_impl))
 
   def _stage_outputs(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
     if x.ndim != 4:

@@ -28,7 +28,6 @@ import os
 import signal
 import sys
 import time
-import types
 from typing import Any, Callable, Iterator, Optional
 
 import flax.linen as nn
@@ -41,12 +40,10 @@ from jax import lax
 import repvgg_jax as rv
 from repvgg_jax import checkpoint as ckpt
 from repvgg_jax.blocks import BN_EPSILON
+from repvgg_jax.convolution import check_conv_impl
 
 AXIS = 'batch'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-CONV_IMPLS = ('xla', 'patches')
-# conv_impl='patches' computes convs with an output map up to this size by im2col.
-PATCHES_MAX_OUTPUT_PIXELS = 4
 METRICS_FILE = 'metrics.jsonl'
 DEPLOY_DIR = 'deploy'
 Tree = Any
@@ -139,73 +136,6 @@ def create_optimizer(config: Any, steps_per_epoch: int, total_steps: int
 
 
 # ------------------------------------------------------------------------------------------
-# Convolutions by patches: a CPU work-around for XLA's slow convolution paths.
-
-
-def conv_by_patches(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                    dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-                    precision=None, preferred_element_type=None):
-  """``lax.conv_general_dilated`` for Flax's NHWC/HWIO convs, by patches on tiny maps.
-
-  XLA:CPU (jaxlib 0.10) convolves feature maps of 2x2 or less (stages 3 and 4 of a 32x32
-  input) at a tenth of its usual speed (5 instead of 40-60 GFLOP/s on this machine), and
-  the input gradient of the stride-2 stage-4 conv (1280 channels) is slower still. The
-  same arithmetic as im2col + one matmul (its gradient: slices, pads and matmuls) runs at
-  full speed. Larger maps, grouped and dilated convs keep XLA's convolution, which is
-  fast there and compiles faster.
-  """
-  plain = (_small_output(lhs.shape, rhs.shape, window_strides, padding)
-           and feature_group_count == 1 and batch_group_count == 1
-           and all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
-           and not isinstance(padding, str) and lhs.ndim == 4)
-  if not plain:
-    return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, batch_group_count, precision, preferred_element_type)
-  kh, kw, cin, cout = rhs.shape
-  (sh, sw), ((pt, pb), (pl, pr)) = window_strides, padding
-  x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-  taps = [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
-          for i in range(kh) for j in range(kw)]
-  patches = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
-  return jnp.einsum('nhwk,ko->nhwo', patches, rhs.reshape(kh * kw * cin, cout),
-                    precision=precision, preferred_element_type=preferred_element_type)
-
-
-def _small_output(lhs_shape, rhs_shape, window_strides, padding) -> bool:
-  """Whether the conv's output map has at most ``PATCHES_MAX_OUTPUT_PIXELS`` pixels."""
-  if isinstance(padding, str) or len(lhs_shape) != 4:
-    return False
-  pixels = 1
-  for size, kernel, stride, (low, high) in zip(lhs_shape[1:3], rhs_shape[:2], window_strides,
-                                               padding):
-    pixels *= (size + low + high - kernel) // stride + 1
-  return pixels <= PATCHES_MAX_OUTPUT_PIXELS
-
-
-@contextlib.contextmanager
-def convolutions(conv_impl: str) -> Iterator[None]:
-  """While tracing: Flax's ``nn.Conv`` computes through ``conv_impl`` ('xla' or
-  'patches'). Affects only the traced computation, not the parameters."""
-  if conv_impl not in CONV_IMPLS:
-    raise TrainingError(f'conv_impl {conv_impl!r}: accepted are {", ".join(CONV_IMPLS)}')
-  if conv_impl == 'xla':
-    yield
-    return
-  linear = sys.modules['flax.linen.linear']
-  original = linear.lax
-  patched = types.ModuleType('lax_with_patch_convolutions')
-  patched.__dict__.update(original.__dict__)
-  patched.conv_general_dilated = conv_by_patches
-  linear.lax = patched
-  try:
-    yield
-  finally:
-    linear.lax = original
-
-
-# ------------------------------------------------------------------------------------------
 # The training and evaluation steps (plain functions of one replica, using AXIS).
 
 
@@ -219,7 +149,6 @@ class StepOptions:
   custom_l2: bool = False
   aux_loss_weight: float = 0.0
   ema_decay: float = 0.0
-  conv_impl: str = 'xla'
 
 
 def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
@@ -257,10 +186,9 @@ def train_step(state: Tree, batch: dict[str, jax.Array], base_rng: jax.Array, *,
     images, targets = mixup(images, targets, rng, options.mixup_alpha)
 
   def loss_fn(params):
-    with convolutions(options.conv_impl):
-      outputs, updates = model.apply(
-          {'params': params, 'batch_stats': state['batch_stats']}, images, train=True,
-          mutable=['batch_stats'])
+    outputs, updates = model.apply(
+        {'params': params, 'batch_stats': state['batch_stats']}, images, train=True,
+        mutable=['batch_stats'])
     heads = outputs if isinstance(outputs, dict) else {'main': outputs}
     losses = {name: jnp.mean(optax.softmax_cross_entropy(logits, targets))
               for name, logits in heads.items()}
@@ -294,11 +222,10 @@ def train_step(state: Tree, batch: dict[str, jax.Array], base_rng: jax.Array, *,
   return new_state, metrics
 
 
-def eval_step(variables: Tree, batch: dict[str, jax.Array], *, model: nn.Module,
-              conv_impl: str = 'xla') -> dict[str, jax.Array]:
+def eval_step(variables: Tree, batch: dict[str, jax.Array], *, model: nn.Module
+              ) -> dict[str, jax.Array]:
   """Sums over the real (``mask`` 1) examples of the batch, over all replicas."""
-  with convolutions(conv_impl):
-    logits = model.apply(variables, batch['image'])
+  logits = model.apply(variables, batch['image'])
   mask = batch['mask']
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
   correct = jnp.argmax(logits, -1) == batch['label']
@@ -349,8 +276,10 @@ def check_config(config: Any) -> None:
   rv.get_variant(config.model)  # ValueError naming the valid models
   if config.dtype not in DTYPES:
     raise TrainingError(f'dtype {config.dtype!r}: accepted are {", ".join(DTYPES)}')
-  if config.conv_impl not in CONV_IMPLS:
-    raise TrainingError(f'conv_impl {config.conv_impl!r}: accepted are {", ".join(CONV_IMPLS)}')
+  try:
+    check_conv_impl(config.conv_impl, deploy=False)
+  except ValueError as e:
+    raise TrainingError(str(e)) from None
   devices = jax.device_count()
   if config.batch_size <= 0 or config.batch_size % devices:
     raise TrainingError(f'batch_size {config.batch_size} must be a positive multiple of the '
@@ -473,13 +402,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(math.ceil(config.num_epochs * steps_per_epoch)))
   dtype = DTYPES[config.dtype]
-  model = rv.create_model(config.model, info.num_classes, dtype=dtype, bn_axis_name=AXIS)
+  model = rv.create_model(config.model, info.num_classes, dtype=dtype, bn_axis_name=AXIS,
+                          conv_impl=config.conv_impl)
   tx, schedule = create_optimizer(config, steps_per_epoch, total_steps)
   options = StepOptions(
       num_classes=info.num_classes, label_smoothing=config.label_smoothing,
       mixup_alpha=config.mixup_alpha, weight_decay=config.weight_decay,
       custom_l2=config.custom_l2, aux_loss_weight=config.aux_loss_weight,
-      ema_decay=config.ema_decay, conv_impl=config.conv_impl)
+      ema_decay=config.ema_decay)
 
   os.makedirs(workdir, exist_ok=True)
   metadata = ckpt.model_metadata(config.model, info.num_classes, config.image_size,
@@ -512,9 +442,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   p_train = jax.pmap(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                                        options=options),
                      axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
-  eval_model = rv.create_model(config.model, info.num_classes, dtype=dtype)
-  p_eval = jax.pmap(functools.partial(eval_step, model=eval_model, conv_impl=config.conv_impl),
-                    axis_name=AXIS)
+  eval_model = rv.create_model(config.model, info.num_classes, dtype=dtype,
+                               conv_impl=config.conv_impl)
+  p_eval = jax.pmap(functools.partial(eval_step, model=eval_model), axis_name=AXIS)
   base_rng = jax.random.PRNGKey(config.seed)
 
   def eval_batches():
@@ -624,9 +554,8 @@ def _final_evaluation(config, info, workdir, replicated, p_eval, eval_batches, d
   host = _unreplicate(_eval_variables(replicated))
   deploy_variables = jax.device_get(jax.jit(rv.reparameterize)(host))
   deploy_model = rv.create_model(config.model, info.num_classes, deploy=True,
-                                 dtype=DTYPES[config.dtype])
-  p_deploy = jax.pmap(functools.partial(eval_step, model=deploy_model,
-                                        conv_impl=config.conv_impl), axis_name=AXIS)
+                                 dtype=DTYPES[config.dtype], conv_impl=config.conv_impl)
+  p_deploy = jax.pmap(functools.partial(eval_step, model=deploy_model), axis_name=AXIS)
   deployed = evaluate(p_deploy, _replicate(deploy_variables), eval_batches(), devices)
   summary = {'eval_loss': trained['loss'], 'eval_accuracy': trained['accuracy'],
              'deploy_eval_loss': deployed['loss'], 'deploy_eval_accuracy': deployed['accuracy'],

@@ -31,9 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Convolution implementations of the deploy model's 3x3 convs: XLA's own convolution, or
-# Winograd with output tiles of 2x2 / 4x4 for the stride-1 layers.
-CONV_IMPLS = ('xla', 'winograd2', 'winograd4')
+from repvgg_jax.convolution import WINOGRAD_IMPLS, check_conv_impl
 
 # (B^T, G, A^T) of F(m x m, 3x3) with the interpolation points of Lavin & Gray.
 _TRANSFORMS = {
@@ -50,17 +48,6 @@ _TRANSFORMS = {
         [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
     ),
 }
-
-
-def default_conv_impl(platform: str, dtype: Any = jnp.float32) -> str:
-  """The fastest measured conv implementation of the deploy model on ``platform``.
-
-  On CPU at float32, F(4x4,3x3): 1.6-2x faster than XLA's convolution for the RepVGG
-  layers with 96 or more channels and level at 48 (docs/benchmarks.md), with a logits
-  error of ~5e-7 relative to the training-time model. Elsewhere (and in reduced
-  precision, where the larger F(4x4) transforms cost accuracy) XLA's own convolution.
-  """
-  return 'winograd4' if platform == 'cpu' and jnp.dtype(dtype) == jnp.float32 else 'xla'
 
 
 def _check_impl(conv_impl: str) -> None:
@@ -97,20 +84,21 @@ def transform_kernels(variables: Mapping[str, Any], model: str,
 
   The kernel of every stride-1 block (``<stage>_<i>/reparam_conv/kernel``, located with
   ``models.layer_specs``) is replaced by its Winograd-domain kernel; every other leaf,
-  stride-2 blocks included, is unchanged. ``'xla'`` returns the tree as it is.
+  stride-2 blocks included, is unchanged. The other implementations (``'xla'``,
+  ``'patches'``) use the kernels as they are: the tree is returned unchanged.
 
   Args:
     variables: ``{'params': ...}`` of the deploy model, e.g. ``rv.reparameterize(...)``.
     model: the model name, e.g. ``'RepVGG-A0'``.
-    conv_impl: one of ``CONV_IMPLS``.
+    conv_impl: one of ``convolution.CONV_IMPLS``.
   """
   # models imports blocks, which imports this module: import the model table lazily.
   from repvgg_jax.models import layer_specs
   from repvgg_jax.variants import get_variant
 
-  if conv_impl == 'xla':
+  check_conv_impl(conv_impl, deploy=True)
+  if conv_impl not in WINOGRAD_IMPLS:
     return dict(variables)
-  _check_impl(conv_impl)
   params = variables.get('params') if isinstance(variables, Mapping) else None
   if not isinstance(params, Mapping):
     raise ValueError("transform_kernels expects deploy variables {'params': ...}, got "

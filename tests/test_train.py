@@ -237,22 +237,6 @@ def test_custom_l2_is_the_official_get_custom_l2():
   assert not np.any(grads['a']['conv3x3']['bn']['scale'])
 
 
-def test_conv_by_patches_equals_xla_convolution():
-  # Output maps of at most 2x2: the ones conv_impl='patches' computes by im2col.
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 2, 5))
-  for kernel, stride in [(3, 1), (3, 2), (1, 2)]:
-    w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 5, 6))
-    pad = ((kernel // 2,) * 2,) * 2
-    args = ((stride, stride), pad)
-    dims = ('NHWC', 'HWIO', 'NHWC')
-    xla = jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
-        x, w, *args, dimension_numbers=dims))), (0, 1))(x, w)
-    ours = jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(train_lib.conv_by_patches(
-        x, w, *args, dimension_numbers=dims))), (0, 1))(x, w)
-    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(xla)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
 def test_repvggplus_step_trains_the_auxiliary_heads():
   variant = rv.Variant('test-plus', (1, 1, 2, 1), (0.125, 0.125, 0.125, 0.125), se='post',
                        plus=True)

@@ -53,7 +53,7 @@ def test_bad_choices_are_refused():
   with pytest.raises(ValueError, match="conv_impl 'winograd3'"):
     rv.create_model('RepVGG-A0', deploy=True, conv_impl='winograd3').init(
         jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-  with pytest.raises(ValueError, match='only with deploy=True'):
+  with pytest.raises(ValueError, match='Winograd only with deploy=True'):
     rv.create_model('RepVGG-A0', conv_impl='winograd2').init(
         jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
   with pytest.raises(ValueError, match='params/stage1_1/reparam_conv: missing'):

@@ -1,0 +1,97 @@
+"""How the model computes its convolutions: the ``conv_impl`` of ``create_model``.
+
+The implementations give the same function with the same variables, except that Winograd
+wants its kernels transformed (``winograd.transform_kernels``):
+
+- ``'xla'``: ``lax.conv_general_dilated`` everywhere (the default).
+- ``'patches'``: convolutions whose output map has at most ``PATCHES_MAX_OUTPUT_PIXELS``
+  pixels as im2col + one matmul, XLA's convolution elsewhere; both structures. A CPU
+  work-around (``conv_by_patches``), used to train at 28-32 pixels on CPU.
+- ``'winograd2'``, ``'winograd4'``: the deploy structure only; its stride-1 3x3 convs by
+  Winograd F(2x2,3x3) / F(4x4,3x3) (``winograd.py``), the fastest on CPU at float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CONV_IMPLS = ('xla', 'patches', 'winograd2', 'winograd4')
+WINOGRAD_IMPLS = ('winograd2', 'winograd4')
+# conv_impl='patches' computes the convs with an output map up to this size by im2col.
+PATCHES_MAX_OUTPUT_PIXELS = 4
+
+
+def check_conv_impl(conv_impl: str, deploy: bool) -> None:
+  """Raise ValueError unless ``conv_impl`` can build the structure (deploy or not)."""
+  accepted = CONV_IMPLS if deploy else tuple(c for c in CONV_IMPLS if c not in WINOGRAD_IMPLS)
+  if conv_impl not in accepted:
+    raise ValueError(f'conv_impl {conv_impl!r}: accepted for the '
+                     f'{"deploy" if deploy else "training-time"} structure are '
+                     f'{", ".join(accepted)} (Winograd only with deploy=True)')
+
+
+def default_conv_impl(platform: str, dtype: Any = jnp.float32) -> str:
+  """The fastest measured conv implementation of the deploy model on ``platform``.
+
+  On CPU at float32, F(4x4,3x3): 1.6-2x faster than XLA's convolution for the RepVGG
+  layers with 96 or more channels and level at 48 (docs/benchmarks.md), with a logits
+  error of ~5e-7 relative to the training-time model. Elsewhere (and in reduced
+  precision, where the larger F(4x4) transforms cost accuracy) XLA's own convolution.
+  """
+  return 'winograd4' if platform == 'cpu' and jnp.dtype(dtype) == jnp.float32 else 'xla'
+
+
+def conv_general_dilated(conv_impl: str) -> Optional[Callable[..., jax.Array]]:
+  """The ``conv_general_dilated`` argument of ``nn.Conv`` for ``conv_impl`` (None: XLA's)."""
+  return conv_by_patches if conv_impl == 'patches' else None
+
+
+def conv_by_patches(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                    dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                    precision=None, preferred_element_type=None) -> jax.Array:
+  """``lax.conv_general_dilated`` for Flax's NHWC/HWIO convs, by patches on tiny maps.
+
+  XLA:CPU (jaxlib 0.10) convolves feature maps of 2x2 or less (stages 3 and 4 of a 32x32
+  input) at a tenth of its usual speed (5 instead of 40-60 GFLOP/s on a 2-core VM), and
+  the input gradient of the stride-2 stage-4 conv (1280 channels) is slower still. The
+  same arithmetic as im2col + one matmul (its gradient: slices, pads and matmuls) runs at
+  full speed. Larger maps, grouped and dilated convs keep XLA's convolution, which is
+  fast there and compiles faster.
+  """
+  plain = (_small_output(lhs.shape, rhs.shape, window_strides, padding)
+           and feature_group_count == 1 and batch_group_count == 1
+           and all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
+           and _is_nhwc(lhs.shape, rhs.shape, dimension_numbers))
+  if not plain:
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type)
+  kh, kw, cin, cout = rhs.shape
+  (sh, sw), ((pt, pb), (pl, pr)) = window_strides, padding
+  x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+  taps = [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
+          for i in range(kh) for j in range(kw)]
+  patches = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
+  return jnp.einsum('nhwk,ko->nhwo', patches, rhs.reshape(kh * kw * cin, cout),
+                    precision=precision, preferred_element_type=preferred_element_type)
+
+
+def _is_nhwc(lhs_shape, rhs_shape, dimension_numbers) -> bool:
+  as_given = lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+  return as_given == lax.conv_dimension_numbers(lhs_shape, rhs_shape, ('NHWC', 'HWIO', 'NHWC'))
+
+
+def _small_output(lhs_shape, rhs_shape, window_strides, padding) -> bool:
+  """Whether the NHWC conv's output map has at most ``PATCHES_MAX_OUTPUT_PIXELS`` pixels."""
+  if isinstance(padding, str) or len(lhs_shape) != 4:
+    return False
+  pixels = 1
+  for size, kernel, stride, (low, high) in zip(lhs_shape[1:3], rhs_shape[:2], window_strides,
+                                               padding):
+    pixels *= (size + low + high - kernel) // stride + 1
+  return pixels <= PATCHES_MAX_OUTPUT_PIXELS
