@@ -4,9 +4,12 @@
         --channels 1 --num_classes 10 --steps 10
 
 One SGD step (forward, backward, momentum update, BatchNorm statistics) on random data;
-images/s are the median over ``--steps`` timed steps after warm-up (compilation excluded).
-PyTorch runs NCHW float32 with ``torch.set_num_threads`` = the CPU count given (oneDNN's
-channels_last backward crashed in torch 2.13). Prints one Markdown row per framework.
+after a warm-up step each (compilation excluded), the two frameworks take turns for
+``--rounds`` rounds of ``--steps`` timed steps, so that a change in the machine's load
+touches both; images/s are the median over all timed steps. JAX runs with the XLA:CPU
+flags of ``train.py`` (``bench.CPU_FAST_FLAGS``); PyTorch NCHW float32 with
+``torch.set_num_threads(--threads)`` (oneDNN's channels_last backward crashed in torch
+2.13). Prints one Markdown row per framework.
 """
 
 from __future__ import annotations
@@ -24,23 +27,24 @@ flags.DEFINE_integer('batch_size', 64, 'Images per step.')
 flags.DEFINE_integer('image_size', 32, 'Square input size.')
 flags.DEFINE_integer('channels', 1, 'Input channels.')
 flags.DEFINE_integer('num_classes', 10, 'Classifier outputs.')
-flags.DEFINE_integer('steps', 10, 'Timed steps per framework.')
+flags.DEFINE_integer('steps', 10, 'Timed steps per framework and round.')
+flags.DEFINE_integer('rounds', 3, 'Alternating rounds of timed steps.')
 flags.DEFINE_integer('threads', 2, 'PyTorch CPU threads.')
 flags.DEFINE_enum('conv_impl', 'patches', ['xla', 'patches'], 'JAX convolutions.')
 FLAGS = flags.FLAGS
 
 
-def _median_images_per_second(step, steps: int, batch_size: int) -> float:
-  step()  # warm-up: compilation, allocation
+def _timed(step, steps: int) -> list[float]:
   times = []
   for _ in range(steps):
     start = time.perf_counter()
     step()
     times.append(time.perf_counter() - start)
-  return batch_size / statistics.median(times)
+  return times
 
 
-def jax_images_per_second() -> float:
+def jax_train_step():
+  """One training step of this repo's ``train_lib.train_step`` (a callable, no result)."""
   import functools
 
   import jax
@@ -75,10 +79,11 @@ def jax_images_per_second() -> float:
   def one_step():
     holder['state'], metrics = step(holder['state'], batch, jax.random.PRNGKey(0))
     jax.block_until_ready(metrics)
-  return _median_images_per_second(one_step, FLAGS.steps, FLAGS.batch_size)
+  return one_step
 
 
-def torch_images_per_second() -> float:
+def torch_train_step():
+  """One training step of timm's model with ``torch.optim.SGD`` (a callable)."""
   import timm
   import torch
 
@@ -97,11 +102,13 @@ def torch_images_per_second() -> float:
     loss = torch.nn.functional.cross_entropy(model(images), labels)
     loss.backward()
     optimizer.step()
-  return _median_images_per_second(one_step, FLAGS.steps, FLAGS.batch_size)
+  return one_step
 
 
 def main(argv: list[str]) -> None:
   del argv
+  from repvgg_jax import bench
+  bench.set_cpu_flags()  # before JAX starts, as train.py does
   import jax
   import torch
   load = os.getloadavg()
@@ -111,12 +118,18 @@ def main(argv: list[str]) -> None:
         f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load '
         f'{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; jax {jax.__version__}, '
         f'torch {torch.__version__}')
+  steps = {f'JAX (repvgg-jax, pmap step, conv_impl={FLAGS.conv_impl})': jax_train_step(),
+           f'PyTorch (timm, NCHW, {FLAGS.threads} threads)': torch_train_step()}
+  times = {name: [] for name in steps}
+  for name, step in steps.items():
+    step()  # warm-up: compilation, allocation
+  for _ in range(FLAGS.rounds):
+    for name, step in steps.items():
+      times[name] += _timed(step, FLAGS.steps)
   print('| framework | setting | training images/s |')
   print('|---|---|---|')
-  print(f'| JAX (repvgg-jax, pmap step, conv_impl={FLAGS.conv_impl}) | {setting} | '
-        f'{jax_images_per_second():.1f} |', flush=True)
-  print(f'| PyTorch (timm, NCHW, {FLAGS.threads} threads) | {setting} | '
-        f'{torch_images_per_second():.1f} |', flush=True)
+  for name, measured in times.items():
+    print(f'| {name} | {setting} | {FLAGS.batch_size / statistics.median(measured):.1f} |')
 
 
 if __name__ == '__main__':
