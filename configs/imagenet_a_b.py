@@ -22,7 +22,7 @@ def get_config(model: str = 'RepVGG-A0') -> ml_collections.ConfigDict:
   config.dataset = 'imagenet2012'
   config.data_dir = ''            # the TFDS data_dir holding imagenet2012
   config.image_size = 224
-  config.augment = 'simple'
+  config.augment = 'simple'       # 'crop' (no flip), 'simple' (crop + flip), 'autoaugment'
   config.min_crop_scale = 0.08
   config.crop_fraction = 0.875
 

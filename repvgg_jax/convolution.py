@@ -5,7 +5,7 @@ wants its kernels transformed (``winograd.transform_kernels``):
 
 - ``'xla'``: ``lax.conv_general_dilated`` everywhere (the default).
 - ``'patches'``: convolutions whose output map has at most ``PATCHES_MAX_OUTPUT_PIXELS``
-  pixels as im2col + one matmul, XLA's convolution elsewhere; both structures. A CPU
+  pixels as one matmul each, XLA's convolution elsewhere; both structures. A CPU
   work-around (``conv_by_patches``), used to train at 28-32 pixels on CPU.
 - ``'winograd2'``, ``'winograd4'``: the deploy structure only; its stride-1 3x3 convs by
   Winograd F(2x2,3x3) / F(4x4,3x3) (``winograd.py``), the fastest on CPU at float32.
@@ -13,10 +13,12 @@ wants its kernels transformed (``winograd.transform_kernels``):
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 CONV_IMPLS = ('xla', 'patches', 'winograd2', 'winograd4')
@@ -53,14 +55,16 @@ def conv_general_dilated(conv_impl: str) -> Optional[Callable[..., jax.Array]]:
 def conv_by_patches(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                     dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                     precision=None, preferred_element_type=None) -> jax.Array:
-  """``lax.conv_general_dilated`` for Flax's NHWC/HWIO convs, by patches on tiny maps.
+  """``lax.conv_general_dilated`` for Flax's NHWC/HWIO convs, as matmuls on tiny maps.
 
   XLA:CPU (jaxlib 0.10) convolves feature maps of 2x2 or less (stages 3 and 4 of a 32x32
   input) at a tenth of its usual speed (5 instead of 40-60 GFLOP/s on a 2-core VM), and
   the input gradient of the stride-2 stage-4 conv (1280 channels) is slower still. The
-  same arithmetic as im2col + one matmul (its gradient: slices, pads and matmuls) runs at
-  full speed. Larger maps, grouped and dilated convs keep XLA's convolution, which is
-  fast there and compiles faster.
+  same arithmetic as one matmul runs at full speed: im2col (``_conv_by_im2col``), or,
+  when the input map has fewer pixels than the kernel, the whole map times a kernel
+  matrix (``_conv_as_dense_matmul``), which spends no multiply on padding. Larger maps,
+  grouped and dilated convs keep XLA's convolution, which is fast there and compiles
+  faster.
   """
   plain = (_small_output(lhs.shape, rhs.shape, window_strides, padding)
            and feature_group_count == 1 and batch_group_count == 1
@@ -70,6 +74,15 @@ def conv_by_patches(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type)
+  matmul = functools.partial(jnp.matmul, precision=precision,
+                             preferred_element_type=preferred_element_type)
+  if lhs.shape[1] * lhs.shape[2] < rhs.shape[0] * rhs.shape[1]:
+    return _conv_as_dense_matmul(lhs, rhs, window_strides, padding, matmul)
+  return _conv_by_im2col(lhs, rhs, window_strides, padding, matmul)
+
+
+def _conv_by_im2col(lhs, rhs, window_strides, padding, matmul) -> jax.Array:
+  """Every output pixel's padded window of taps, times the flattened kernel."""
   kh, kw, cin, cout = rhs.shape
   (sh, sw), ((pt, pb), (pl, pr)) = window_strides, padding
   x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
@@ -77,8 +90,29 @@ def conv_by_patches(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
   taps = [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
           for i in range(kh) for j in range(kw)]
   patches = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
-  return jnp.einsum('nhwk,ko->nhwo', patches, rhs.reshape(kh * kw * cin, cout),
-                    precision=precision, preferred_element_type=preferred_element_type)
+  return matmul(patches, rhs.reshape(kh * kw * cin, cout))
+
+
+def _conv_as_dense_matmul(lhs, rhs, window_strides, padding, matmul) -> jax.Array:
+  """The flattened input map times a (in pixels * cin, out pixels * cout) matrix whose
+  block (input pixel q, output pixel p) is the kernel tap that q falls on in p's window,
+  or zero. A 3x3 conv on a 2x2 map costs 16 instead of im2col's 36 products per pair of
+  channels (RepVGG's stage 3 at 32x32 input); its gradient is two matmuls and a
+  scatter-add of the (small) matrix into the kernel."""
+  kh, kw, cin, cout = rhs.shape
+  n, h, w, _ = lhs.shape
+  (sh, sw), ((pt, pb), (pl, pr)) = window_strides, padding
+  ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+  no_tap = kh * kw  # the index of an all-zero tap appended to the kernel's taps
+  tap = np.full((h, w, ho, wo), no_tap)
+  for qi, qj, pi, pj in np.ndindex(h, w, ho, wo):
+    ti, tj = qi - pi * sh + pt, qj - pj * sw + pl
+    if 0 <= ti < kh and 0 <= tj < kw:
+      tap[qi, qj, pi, pj] = ti * kw + tj
+  taps = jnp.concatenate([rhs.reshape(kh * kw, cin, cout), jnp.zeros((1, cin, cout), rhs.dtype)])
+  matrix = taps[tap.reshape(h * w, ho * wo)].transpose(0, 2, 1, 3)  # (q, cin, p, cout)
+  y = matmul(lhs.reshape(n, h * w * cin), matrix.reshape(h * w * cin, ho * wo * cout))
+  return y.reshape(n, ho, wo, cout)
 
 
 def _is_nhwc(lhs_shape, rhs_shape, dimension_numbers) -> bool:

@@ -58,7 +58,8 @@ ENCODED_TO_DECODED = 10
 # Examples a streamed dataset shuffles over (encoded ImageNet JPEGs: about 1 GiB).
 STREAM_SHUFFLE_BUFFER = 10_000
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
-AUGMENTATIONS = ('simple', 'autoaugment')
+# 'crop': random-resized-crop only; 'simple': and flip; 'autoaugment': and AutoAugment.
+AUGMENTATIONS = ('crop', 'simple', 'autoaugment')
 ACCEPTED_DATASETS = ("'fashion_mnist', 'imagenet2012', 'tfds:<name>' or the plain name of a "
                      "TFDS image-classification dataset, or 'folder:/path/to/root' (with "
                      "train/<class>/ and val/<class>/ image sub-folders)")
@@ -488,10 +489,12 @@ def _normalize(images: np.ndarray, info: DatasetInfo) -> np.ndarray:
 
 def _finish_train_images(images: np.ndarray, draws: np.ndarray, augment: str,
                          info: DatasetInfo) -> np.ndarray:
-  """Cropped float images in pixel units -> flipped, optionally AutoAugmented, normalized."""
+  """Cropped float images in pixel units -> flipped (not with 'crop'), optionally
+  AutoAugmented, normalized."""
   images = _writable_float32(images)
-  flip = draws[:, _FLIP] < 0.5
-  images[flip] = images[flip, :, ::-1]
+  if augment != 'crop':
+    flip = draws[:, _FLIP] < 0.5
+    images[flip] = images[flip, :, ::-1]
   if augment == 'autoaugment':
     pixels = np.clip(np.round(images), 0, 255).astype(np.uint8)
     images = autoaugment.autoaugment(pixels, draws[:, _AUTOAUGMENT])
@@ -819,7 +822,8 @@ def train_batches(dataset: str, *, global_batch_size: int, image_size: int, seed
 
   Each batch is ``{'image': float32 [B/P, image_size, image_size, C] normalized,
   'label': int32 [B/P]}``: random-resized-crop (area ``min_crop_scale``..1, aspect ratio
-  3/4..4/3), horizontal flip, with ``augment='autoaugment'`` AutoAugment's ImageNet policy,
+  3/4..4/3), horizontal flip (not with ``augment='crop'``), with ``augment='autoaugment'``
+  AutoAugment's ImageNet policy,
   then ``(pixel - mean) / std``. Process ``p`` gets rows ``[p*B/P, (p+1)*B/P)`` of the
   global batch of each step (see the module docstring on determinism).
   """

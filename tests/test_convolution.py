@@ -12,10 +12,13 @@ from repvgg_jax import convolution, winograd
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
-@pytest.mark.parametrize('kernel, stride, size', [(3, 1, 2), (3, 2, 2), (1, 2, 2), (3, 2, 4)])
-def test_conv_by_patches_equals_xla_convolution_and_its_gradients(kernel, stride, size):
-  # Output maps of at most 2x2: the ones conv_impl='patches' computes by im2col.
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 5))
+@pytest.mark.parametrize('kernel, stride, height, width', [
+    (3, 1, 2, 2), (3, 2, 2, 2), (3, 1, 1, 3),  # fewer pixels than taps: one dense matmul
+    (1, 2, 2, 2), (1, 1, 2, 2), (3, 2, 4, 4),  # im2col
+])
+def test_conv_by_patches_equals_xla_convolution_and_its_gradients(kernel, stride, height, width):
+  # Output maps of at most 4 pixels: the ones conv_impl='patches' computes by matmuls.
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, height, width, 5))
   w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 5, 6))
   args = ((stride, stride), ((kernel // 2,) * 2,) * 2)
 
