@@ -41,6 +41,11 @@ def get_config(model: str = 'RepVGG-A0') -> ml_collections.ConfigDict:
   config.ema_decay = 0.0          # 0: no EMA of the weights
   config.aux_loss_weight = 0.1    # RepVGGplus only
   config.init_from = ''           # a variables directory written by convert.py
+  # Variance of the conv kernels' initialization in units of 1/fan_in (1: Flax's LeCun
+  # normal). Every conv feeds a BatchNorm, so the model is scale-invariant in its kernels
+  # and a larger init is a smaller effective learning rate for them (not for the BN and
+  # classifier parameters).
+  config.conv_init_scale = 1.0
 
   config.dtype = 'float32'        # 'bfloat16': bfloat16 compute, float32 parameters
   config.conv_impl = 'xla'        # 'patches' helps only on CPU with tiny feature maps

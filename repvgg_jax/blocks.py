@@ -25,6 +25,10 @@ BN_MOMENTUM = 0.9
 
 Dtype = Any
 Precision = Any
+Initializer = Any
+# Flax's default for convolution kernels (variance 1/fan_in); train_lib scales it with the
+# config's conv_init_scale.
+DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()
 
 
 def _padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -51,13 +55,14 @@ class ConvBN(nn.Module):
   precision: Precision = None
   bn_axis_name: Optional[str] = None
   conv_impl: str = 'xla'
+  kernel_init: Initializer = DEFAULT_KERNEL_INIT
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     k = self.kernel_size
     x = nn.Conv(self.features, (k, k), strides=self.strides, padding=_padding(k),
                 feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
-                precision=self.precision,
+                precision=self.precision, kernel_init=self.kernel_init,
                 conv_general_dilated=conv_general_dilated(self.conv_impl), name='conv')(x)
     return batch_norm(train, self.bn_axis_name, self.dtype, 'bn')(x)
 
@@ -99,6 +104,7 @@ class RepVGGBlock(nn.Module):
       ``'patches'``, or in a deploy block ``'winograd2'``/``'winograd4'``, whose stride-1
       conv is a ``winograd.WinogradConv3x3`` with a Winograd-domain kernel (see
       ``winograd.transform_kernels``; stride-2 blocks keep XLA's conv).
+    kernel_init: initializer of the training-time branch kernels.
   """
   features: int
   strides: int = 1
@@ -110,6 +116,7 @@ class RepVGGBlock(nn.Module):
   precision: Precision = None
   bn_axis_name: Optional[str] = None
   conv_impl: str = 'xla'
+  kernel_init: Initializer = DEFAULT_KERNEL_INIT
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -125,7 +132,8 @@ class RepVGGBlock(nn.Module):
     else:
       branch = dict(features=self.features, strides=self.strides, groups=self.groups,
                     dtype=self.dtype, precision=self.precision,
-                    bn_axis_name=self.bn_axis_name, conv_impl=self.conv_impl)
+                    bn_axis_name=self.bn_axis_name, conv_impl=self.conv_impl,
+                    kernel_init=self.kernel_init)
       y = ConvBN(kernel_size=3, name='conv3x3', **branch)(x, train)
       y = y + ConvBN(kernel_size=1, name='conv1x1', **branch)(x, train)
       if x.shape[-1] == self.features and self.strides == 1:

@@ -15,9 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from repvgg_jax.blocks import ConvBN, Dtype, Precision, RepVGGBlock
-from repvgg_jax.variants import Variant, get_variant
+from repvgg_jax.blocks import (DEFAULT_KERNEL_INIT, ConvBN, Dtype, Initializer, Precision,
+                               RepVGGBlock)
 from repvgg_jax.convolution import check_conv_impl
+from repvgg_jax.variants import Variant, get_variant
 
 
 class LayerSpec(NamedTuple):
@@ -59,12 +60,13 @@ class AuxHead(nn.Module):
   precision: Precision = None
   bn_axis_name: Optional[str] = None
   conv_impl: str = 'xla'
+  kernel_init: Initializer = DEFAULT_KERNEL_INIT
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = ConvBN(x.shape[-1], 3, strides=2, dtype=self.dtype, precision=self.precision,
                bn_axis_name=self.bn_axis_name, conv_impl=self.conv_impl,
-               name='downsample')(x, train)
+               kernel_init=self.kernel_init, name='downsample')(x, train)
     x = jnp.mean(nn.relu(x), axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, precision=self.precision, name='fc')(x)
     return x.astype(_logits_dtype(self.dtype))
@@ -91,6 +93,7 @@ class RepVGG(nn.Module):
       ``'xla'``; ``'patches'`` (im2col on tiny maps, for CPU training); deploy only,
       ``'winograd2'``/``'winograd4'`` for the stride-1 convs, whose variables come from
       ``winograd.transform_kernels``.
+    kernel_init: initializer of the training-time conv kernels (Flax's LeCun normal).
   """
   variant: Variant
   num_classes: int = 1000
@@ -99,6 +102,7 @@ class RepVGG(nn.Module):
   precision: Precision = None
   bn_axis_name: Optional[str] = None
   conv_impl: str = 'xla'
+  kernel_init: Initializer = DEFAULT_KERNEL_INIT
 
   def setup(self):
     v = self.variant
@@ -106,7 +110,7 @@ class RepVGG(nn.Module):
     block = functools.partial(
         RepVGGBlock, se=v.se, se_reduction=v.se_reduction, deploy=self.deploy,
         dtype=self.dtype, precision=self.precision, bn_axis_name=self.bn_axis_name,
-        conv_impl=self.conv_impl)
+        conv_impl=self.conv_impl, kernel_init=self.kernel_init)
     stages: dict[str, list[RepVGGBlock]] = {}
     for spec in layer_specs(v):
       stages.setdefault(spec.stage, []).append(
@@ -119,7 +123,8 @@ class RepVGG(nn.Module):
     if v.plus and not self.deploy:
       for name in AUX_STAGES:
         setattr(self, f'{name}_aux', AuxHead(self.num_classes, self.dtype, self.precision,
-                                             self.bn_axis_name, self.conv_impl))
+                                             self.bn_axis_name, self.conv_impl,
+                                             self.kernel_init))
 
   def _stage_outputs(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
     if x.ndim != 4:
@@ -165,10 +170,12 @@ class RepVGG(nn.Module):
 
 def create_model(name: str, num_classes: int = 1000, deploy: bool = False,
                  dtype: Dtype = jnp.float32, precision: Precision = None,
-                 bn_axis_name: Optional[str] = None, conv_impl: str = 'xla') -> RepVGG:
+                 bn_axis_name: Optional[str] = None, conv_impl: str = 'xla',
+                 kernel_init: Initializer = DEFAULT_KERNEL_INIT) -> RepVGG:
   """The RepVGG called ``name`` (see ``list_models()``), training-time or deploy."""
   return RepVGG(get_variant(name), num_classes=num_classes, deploy=deploy, dtype=dtype,
-                precision=precision, bn_axis_name=bn_axis_name, conv_impl=conv_impl)
+                precision=precision, bn_axis_name=bn_axis_name, conv_impl=conv_impl,
+                kernel_init=kernel_init)
 
 
 def deploy_macs(name: str, image_size: Union[int, tuple[int, int]] = 224,

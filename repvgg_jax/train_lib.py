@@ -287,6 +287,8 @@ def check_config(config: Any) -> None:
   if config.mixup_alpha > 0 and (config.batch_size // devices) % 2:
     raise TrainingError(f'mixup pairs neighbouring images: the per-device batch '
                         f'{config.batch_size // devices} must be even')
+  if not config.conv_init_scale > 0:
+    raise TrainingError(f'conv_init_scale must be positive, got {config.conv_init_scale}')
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise TrainingError('set num_epochs or num_train_steps to a positive number')
 
@@ -402,8 +404,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(math.ceil(config.num_epochs * steps_per_epoch)))
   dtype = DTYPES[config.dtype]
+  kernel_init = nn.initializers.variance_scaling(config.conv_init_scale, 'fan_in',
+                                                 'truncated_normal')
   model = rv.create_model(config.model, info.num_classes, dtype=dtype, bn_axis_name=AXIS,
-                          conv_impl=config.conv_impl)
+                          conv_impl=config.conv_impl, kernel_init=kernel_init)
   tx, schedule = create_optimizer(config, steps_per_epoch, total_steps)
   options = StepOptions(
       num_classes=info.num_classes, label_smoothing=config.label_smoothing,

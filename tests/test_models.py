@@ -145,6 +145,25 @@ def test_num_classes_zero_returns_pooled_features():
   assert model.apply(variables, x).shape == (2, 1280)
 
 
+def test_kernel_init_sets_every_training_conv_kernel_and_nothing_else():
+  # A small RepVGGplus: squeeze-excite, auxiliary heads and every branch kind.
+  variant = rv.Variant('test-plus', (1, 1, 2, 1), (0.125,) * 4, se='post', plus=True)
+  init = lambda **kw: rv.RepVGG(variant, 10, **kw).init(jax.random.PRNGKey(0),
+                                                        jnp.zeros((1, 32, 32, 3)))
+  default = dict(jax.tree_util.tree_flatten_with_path(init())[0])
+  ones = dict(jax.tree_util.tree_flatten_with_path(init(kernel_init=nn.initializers.ones))[0])
+  assert ones.keys() == default.keys()
+  conv_kernels = 0
+  for path, leaf in ones.items():
+    names = [getattr(k, 'key', '') for k in path]
+    if names[-2:] == ['conv', 'kernel']:  # conv3x3, conv1x1, the aux heads' downsample
+      conv_kernels += 1
+      assert np.all(leaf == 1), names
+    else:
+      np.testing.assert_array_equal(leaf, default[path], err_msg=str(names))
+  assert conv_kernels == 2 * 6 + 3  # two branches per block, one per aux head
+
+
 def test_bfloat16_computes_in_bfloat16_with_float32_params():
   model, x = rv.create_model('RepVGG-A0', 10, dtype=jnp.bfloat16), jnp.ones((1, 32, 32, 3))
   variables = model.init(jax.random.PRNGKey(0), x)

@@ -166,7 +166,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def test_cli_errors_are_one_line(tmp_path):
   for flag, expected in [('--config.model=RepVGG-Z9', "unknown model 'RepVGG-Z9'"),
                          ('--config.dataset=no_such_dataset', 'no_such_dataset'),
-                         ('--config.batch_size=6', 'multiple of the 4 devices')]:
+                         ('--config.batch_size=6', 'multiple of the 4 devices'),
+                         ('--config.conv_impl=winograd4', 'Winograd only with deploy=True'),
+                         ('--config.conv_init_scale=0', 'conv_init_scale must be positive')]:
     code, _, err = run_training(tmp_path / 'run', extra=[flag])
     lines = [line for line in err.splitlines() if line.startswith('error:')]
     assert code == 1 and len(lines) == 1 and expected in lines[0], err
