@@ -50,8 +50,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help='also write a jax.export artifact of the deploy model '
                       f'({export.EXPORT_FILE}, symbolic batch size)')
   parser.add_argument('--conv', choices=('auto',) + convolution.CONV_IMPLS, default='auto',
-                      help='3x3 conv of the exported deploy model: XLA\'s, im2col on maps '
-                      'of <= 4 pixels (patches), or Winograd for the stride-1 layers '
+                      help='3x3 conv of the exported deploy model: XLA\'s, matmuls for '
+                      'maps of <= 4 pixels (patches), or Winograd for the stride-1 layers '
                       '(checked against the 1e-5 bar too); auto (default): winograd4 for '
                       'a CPU-only export, xla otherwise')
   parser.add_argument('--platforms', default=','.join(export.EXPORT_PLATFORMS),

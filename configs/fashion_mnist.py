@@ -6,9 +6,10 @@ Command::
 
 Expected: 90.37% test accuracy for both the training-time and the deploy model (measured
 twice, identical), in 8.6 to 10.3 minutes of wall time on the 2-core development VM,
-whose speed varies from hour to hour (docs/benchmarks.md). The full-width RepVGG-A0 sees the 28x28 grey images resized to
-32x32 (the largest size whose stage 3 still runs on 2x2 maps, so no slower than 28x28),
-flipped at random; the paper's SGD recipe, shortened to 3 epochs with a short warm-up.
+whose speed varies from hour to hour (docs/benchmarks.md). The full-width RepVGG-A0
+sees the 28x28 grey images resized to 32x32 (the largest size whose stage 3 still runs
+on 2x2 maps, so no slower than 28x28), flipped at random; the paper's SGD recipe,
+shortened to 3 epochs with a short warm-up.
 """
 
 from configs import imagenet_a_b

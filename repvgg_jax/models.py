@@ -90,7 +90,7 @@ class RepVGG(nn.Module):
     bn_axis_name: mapped axis over which training-time BatchNorm statistics are
       averaged (the ``axis_name`` of ``jax.pmap``/``shard_map``), None for local.
     conv_impl: how convolutions are computed, one of ``convolution.CONV_IMPLS``:
-      ``'xla'``; ``'patches'`` (im2col on tiny maps, for CPU training); deploy only,
+      ``'xla'``; ``'patches'`` (matmuls on tiny maps, for CPU training); deploy only,
       ``'winograd2'``/``'winograd4'`` for the stride-1 convs, whose variables come from
       ``winograd.transform_kernels``.
     kernel_init: initializer of the training-time conv kernels (Flax's LeCun normal).
