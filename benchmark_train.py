@@ -3,11 +3,13 @@
     python benchmark_train.py --model RepVGG-A0 --batch_size 64 --image_size 32 \
         --channels 1 --num_classes 10 --steps 10
 
-One SGD step (forward, backward, momentum update, BatchNorm statistics) on random data;
-after a warm-up step each (compilation excluded), the two frameworks take turns for
+One SGD step (forward, backward, momentum update, BatchNorm statistics) on random data,
+computed in ``--dtype``: bfloat16 is JAX's model ``dtype`` with float32 parameters (as
+``config.dtype`` in training) and PyTorch's CPU autocast. After a warm-up step each
+(compilation excluded), the two frameworks take turns for
 ``--rounds`` rounds of ``--steps`` timed steps, so that a change in the machine's load
 touches both; images/s are the median over all timed steps. JAX runs with the XLA:CPU
-flags of ``train.py`` (``bench.CPU_FAST_FLAGS``); PyTorch NCHW float32 with
+flags of ``train.py`` (``bench.CPU_FAST_FLAGS``); PyTorch NCHW with
 ``torch.set_num_threads(--threads)`` (oneDNN's channels_last backward crashed in torch
 2.13). Prints one Markdown row per framework.
 """
@@ -31,6 +33,8 @@ flags.DEFINE_integer('steps', 10, 'Timed steps per framework and round.')
 flags.DEFINE_integer('rounds', 3, 'Alternating rounds of timed steps.')
 flags.DEFINE_integer('threads', 2, 'PyTorch CPU threads.')
 flags.DEFINE_enum('conv_impl', 'patches', ['xla', 'patches'], 'JAX convolutions.')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                  'Compute dtype of both frameworks (parameters stay float32).')
 FLAGS = flags.FLAGS
 
 
@@ -56,7 +60,7 @@ def jax_train_step():
   from repvgg_jax import train_lib
 
   model = rv.create_model(FLAGS.model, FLAGS.num_classes, bn_axis_name=train_lib.AXIS,
-                          conv_impl=FLAGS.conv_impl)
+                          conv_impl=FLAGS.conv_impl, dtype=train_lib.DTYPES[FLAGS.dtype])
   shape = (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, *shape[1:])))
   schedule = train_lib.learning_rate_schedule(0.1, 0, 1000)
@@ -97,9 +101,12 @@ def torch_train_step():
   images = torch.randn(FLAGS.batch_size, FLAGS.channels, FLAGS.image_size, FLAGS.image_size)
   labels = torch.randint(0, FLAGS.num_classes, (FLAGS.batch_size,))
 
+  autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=FLAGS.dtype == 'bfloat16')
+
   def one_step():
     optimizer.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(model(images), labels)
+    with autocast:
+      loss = torch.nn.functional.cross_entropy(model(images), labels)
     loss.backward()
     optimizer.step()
   return one_step
@@ -113,7 +120,7 @@ def main(argv: list[str]) -> None:
   import torch
   load = os.getloadavg()
   setting = (f'{FLAGS.model}, batch {FLAGS.batch_size}, {FLAGS.image_size}x{FLAGS.image_size}'
-             f'x{FLAGS.channels}, float32')
+             f'x{FLAGS.channels}, {FLAGS.dtype}')
   print(f'date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, '
         f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load '
         f'{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; jax {jax.__version__}, '

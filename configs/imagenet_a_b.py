@@ -35,6 +35,7 @@ def get_config(model: str = 'RepVGG-A0') -> ml_collections.ConfigDict:
   config.momentum = 0.9
   config.nesterov = False
   config.weight_decay = 1e-4
+  config.grad_clip_norm = 0.0     # > 0: clip the global gradient norm to this (0: off)
   config.custom_l2 = False        # the official get_custom_L2 instead of plain decay
   config.label_smoothing = 0.0
   config.mixup_alpha = 0.0

@@ -49,13 +49,16 @@ def test_cpu_flag_is_accepted_by_this_jaxlib():
 
 
 def test_training_benchmark_times_both_frameworks():
+  # bfloat16: JAX's compute dtype and PyTorch's autocast (float32 is the same path).
   pytest.importorskip('timm')
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run(
       [sys.executable, os.path.join(repo, 'benchmark_train.py'), '--batch_size', '4',
-       '--image_size', '16', '--steps', '1', '--rounds', '2', '--threads', '1'],
+       '--image_size', '16', '--steps', '1', '--rounds', '2', '--threads', '1',
+       '--dtype', 'bfloat16'],
       cwd=repo, check=True, capture_output=True, text=True, timeout=600).stdout
-  rows = [line for line in out.splitlines() if 'RepVGG-A0, batch 4, 16x16x1' in line]
+  rows = [line for line in out.splitlines()
+          if 'RepVGG-A0, batch 4, 16x16x1, bfloat16' in line]
   assert [row.split('|')[1].split()[0] for row in rows] == ['JAX', 'PyTorch']
   assert all(float(row.split('|')[3]) > 0 for row in rows)
 

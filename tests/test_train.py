@@ -168,7 +168,8 @@ def test_cli_errors_are_one_line(tmp_path):
                          ('--config.dataset=no_such_dataset', 'no_such_dataset'),
                          ('--config.batch_size=6', 'multiple of the 4 devices'),
                          ('--config.conv_impl=winograd4', 'Winograd only with deploy=True'),
-                         ('--config.conv_init_scale=0', 'conv_init_scale must be positive')]:
+                         ('--config.conv_init_scale=0', 'conv_init_scale must be positive'),
+                         ('--config.grad_clip_norm=-1', 'grad_clip_norm must be 0 (off)')]:
     code, _, err = run_training(tmp_path / 'run', extra=[flag])
     lines = [line for line in err.splitlines() if line.startswith('error:')]
     assert code == 1 and len(lines) == 1 and expected in lines[0], err
@@ -215,6 +216,23 @@ def test_weight_decay_mask_follows_the_official_names():
       'stage1_0/identity/scale']
   assert decayed(train_lib.weight_decay_mask(params, custom_l2=True)) == [
       'linear/kernel', 'stage1_0/identity/scale']
+
+
+def test_gradient_clipping_bounds_the_global_norm_before_weight_decay():
+  sys.path.insert(0, REPO)
+  from configs import fashion_mnist
+  config = fashion_mnist.get_config()
+  config.weight_decay, config.momentum, config.warmup_epochs = 0.5, 0.0, 0.0
+  params = {'conv': {'kernel': jnp.ones((2, 2))}, 'bn': {'bias': jnp.ones(2)}}
+  grads = {'conv': {'kernel': jnp.full((2, 2), 3.0)}, 'bn': {'bias': jnp.full(2, 4.0)}}
+  lr = config.learning_rate  # batch 256: the peak, at step 0 without warm-up
+  for clip, scale in [(0.0, 1.0), (50.0, 1.0), (2.0, 2.0 / np.sqrt(4 * 9 + 2 * 16))]:
+    config.grad_clip_norm = clip
+    tx, _ = train_lib.create_optimizer(config, steps_per_epoch=10, total_steps=10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # Clipped gradient, then decay on the kernel only (the BN bias is exempt).
+    np.testing.assert_allclose(updates['conv']['kernel'], -lr * (3.0 * scale + 0.5), rtol=1e-6)
+    np.testing.assert_allclose(updates['bn']['bias'], -lr * 4.0 * scale, rtol=1e-6)
 
 
 def test_custom_l2_is_the_official_get_custom_l2():
