@@ -221,7 +221,7 @@ def train_step(state: Tree, batch: dict[str, jax.Array], base_rng: jax.Array, *,
       'train_loss': main_loss,
       'train_accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
       'learning_rate': schedule(state['step']),
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': optax.tree_utils.tree_norm(grads),
       'finite': finite.astype(jnp.float32),
   }
   metrics = lax.pmean(metrics, AXIS)
