@@ -382,9 +382,8 @@ def _compile_steps(config: Any, info: Any, model: nn.Module, tx: optax.GradientT
   trained = _eval_variables(variables)
   image = (config.image_size, config.image_size, info.channels)
   eval_batch_size = config.eval_batch_size or config.batch_size
-  train_batch = _batch_shapes(config.batch_size // processes // devices, image, devices)
-  eval_batch = _batch_shapes(eval_batch_size // processes // devices, image, devices,
-                             mask=True)
+  train_batch = _batch_shapes(config.batch_size // devices, image, devices)  # one process
+  eval_batch = _batch_shapes(eval_batch_size // devices, image, devices, mask=True)
 
   def compile_(step, *shapes):
     return step.lower(*shapes).compile()
