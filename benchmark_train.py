@@ -1,17 +1,19 @@
 """Training throughput: this repo's train step (JAX) next to timm's (PyTorch), same run.
 
-    python benchmark_train.py --model RepVGG-A0 --batch_size 64 --image_size 32 \
-        --channels 1 --num_classes 10 --steps 10
+    python benchmark_train.py --model RepVGG-A0 --batch-size 64 --image-size 32 \
+        --channels 1 --num-classes 10 --steps 10
 
 One SGD step (forward, backward, momentum update, BatchNorm statistics) on random data,
 computed in ``--dtype``: bfloat16 is JAX's model ``dtype`` with float32 parameters (as
-``config.dtype`` in training) and PyTorch's CPU autocast. After a warm-up step each
-(compilation excluded), the two frameworks take turns for
-``--rounds`` rounds of ``--steps`` timed steps, so that a change in the machine's load
-touches both; images/s are the median over all timed steps. JAX runs with the XLA:CPU
-flags of ``train.py`` (``bench.CPU_FAST_FLAGS``); PyTorch NCHW with
-``torch.set_num_threads(--threads)`` (oneDNN's channels_last backward crashed in torch
-2.13). Prints one Markdown row per framework.
+``config.dtype`` in training) and PyTorch's autocast. JAX's step is the training run's
+own: the model, optimizer, state and pmapped step of ``configs/imagenet_a_b.py``'s recipe
+built by ``repvgg_jax.training``, over all local devices. After a warm-up step each
+(compilation excluded), the two frameworks take turns for ``--rounds`` rounds of
+``--steps`` timed steps, so that a change in the machine's load touches both; images/s
+are the median over all timed steps. JAX runs with the XLA:CPU flags of ``train.py``
+(``benchmarking.CPU_FAST_FLAGS``); PyTorch NCHW (``--channels-last`` for NHWC) with
+``torch.set_num_threads(--threads)`` on CPU (oneDNN's channels_last backward crashed in
+torch 2.13). Prints one Markdown row per framework.
 """
 
 from __future__ import annotations
@@ -20,25 +22,40 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 import time
+from typing import Callable, Optional, Sequence
 
-from absl import app, flags
+from repvgg_jax import benchmarking, cli
 
-flags.DEFINE_string('model', 'RepVGG-A0', 'Model name (list_models()).')
-flags.DEFINE_integer('batch_size', 64, 'Images per step.')
-flags.DEFINE_integer('image_size', 32, 'Square input size.')
-flags.DEFINE_integer('channels', 1, 'Input channels.')
-flags.DEFINE_integer('num_classes', 10, 'Classifier outputs.')
-flags.DEFINE_integer('steps', 10, 'Timed steps per framework and round.')
-flags.DEFINE_integer('rounds', 3, 'Alternating rounds of timed steps.')
-flags.DEFINE_integer('threads', 2, 'PyTorch CPU threads.')
-flags.DEFINE_enum('conv_impl', 'patches', ['xla', 'patches'], 'JAX convolutions.')
-flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
-                  'Compute dtype of both frameworks (parameters stay float32).')
-FLAGS = flags.FLAGS
+CONV_IMPLS = ('xla', 'patches')
 
 
-def _timed(step, steps: int) -> list[float]:
+def parse_args(argv: Optional[Sequence[str]] = None):
+  parser = cli.ArgumentParser(__doc__, prog='benchmark_train.py')
+  cli.add_model(parser, default='RepVGG-A0')
+  parser.add_argument('--batch-size', type=cli.positive_int, default=64,
+                      help='images per step (default: 64)')
+  parser.add_argument('--image-size', type=cli.positive_int, default=32,
+                      help='square input size (default: 32)')
+  parser.add_argument('--channels', type=cli.positive_int, default=1, help='input channels')
+  parser.add_argument('--num-classes', type=cli.positive_int, default=10,
+                      help='classifier outputs')
+  parser.add_argument('--steps', type=cli.positive_int, default=10,
+                      help='timed steps per framework and round')
+  parser.add_argument('--rounds', type=cli.positive_int, default=3,
+                      help='alternating rounds of timed steps')
+  parser.add_argument('--threads', type=cli.positive_int, default=2,
+                      help='PyTorch CPU threads')
+  cli.add_conv_impl(parser, CONV_IMPLS, default='patches')
+  cli.add_dtype(parser, help='compute dtype of both frameworks (parameters stay float32)')
+  parser.add_argument('--channels-last', action='store_true',
+                      help='PyTorch in channels_last (NHWC) memory format')
+  parser.add_argument('--no-torch', action='store_true', help='time JAX alone')
+  return parser.parse_args(argv)
+
+
+def _timed(step: Callable[[], None], steps: int) -> list[float]:
   times = []
   for _ in range(steps):
     start = time.perf_counter()
@@ -47,38 +64,32 @@ def _timed(step, steps: int) -> list[float]:
   return times
 
 
-def jax_train_step():
-  """One training step of this repo's ``train_lib.train_step`` (a callable, no result)."""
-  import functools
-
+def jax_train_step(args) -> Callable[[], None]:
+  """One step of the training run's pmapped ``train_step`` (a callable, no result)."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  import optax
 
-  import repvgg_jax as rv
-  from repvgg_jax import train_lib
+  from configs import imagenet_a_b
+  from repvgg_jax.training import compilation, optimization, parallel, state, trainer
 
-  model = rv.create_model(FLAGS.model, FLAGS.num_classes, bn_axis_name=train_lib.AXIS,
-                          conv_impl=FLAGS.conv_impl, dtype=train_lib.DTYPES[FLAGS.dtype])
-  shape = (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, *shape[1:])))
-  schedule = train_lib.learning_rate_schedule(0.1, 0, 1000)
-  tx = optax.chain(optax.add_decayed_weights(1e-4, train_lib.weight_decay_mask),
-                   optax.sgd(schedule, momentum=0.9))
-  state = {'step': np.zeros((), np.int32), 'params': variables['params'],
-           'batch_stats': variables['batch_stats'], 'opt_state': tx.init(variables['params'])}
-  step = jax.pmap(functools.partial(
-      train_lib.train_step, model=model, tx=tx, schedule=schedule,
-      options=train_lib.StepOptions(FLAGS.num_classes)),
-      axis_name=train_lib.AXIS, in_axes=(0, 0, None))
+  config = imagenet_a_b.get_config(args.model)
+  config.batch_size, config.image_size = args.batch_size, args.image_size
+  config.dtype, config.conv_impl = args.dtype, args.conv_impl
+  model = state.model_of(config, args.num_classes)
+  tx, schedule = optimization.create_optimizer(config, steps_per_epoch=1000, total_steps=1000)
+  variables = jax.jit(state.initializer(model, args.image_size, args.channels))(
+      jax.random.PRNGKey(0))
+  train_state = parallel.replicate(jax.device_get(jax.jit(
+      lambda v: state.new_state(v, tx, ema=False))(variables)))
+  step = compilation.pmapped_train_step(model, tx, schedule,
+                                        trainer.step_options(config, args.num_classes))
   rng = np.random.default_rng(0)
-  devices = jax.local_device_count()  # 1 on a CPU unless XLA_FLAGS says otherwise
-  batch = {'image': rng.normal(size=(devices, shape[0] // devices, *shape[1:])
-                               ).astype(np.float32),
-           'label': rng.integers(0, FLAGS.num_classes, (devices, shape[0] // devices)
-                                 ).astype(np.int32)}
-  holder = {'state': train_lib._replicate(state)}
+  batch = parallel.shard({
+      'image': rng.normal(size=(args.batch_size, args.image_size, args.image_size,
+                                args.channels)).astype(np.float32),
+      'label': rng.integers(0, args.num_classes, args.batch_size).astype(np.int32)},
+      jax.local_device_count())
+  holder = {'state': train_state}
 
   def one_step():
     holder['state'], metrics = step(holder['state'], batch, jax.random.PRNGKey(0))
@@ -86,22 +97,25 @@ def jax_train_step():
   return one_step
 
 
-def torch_train_step():
+def torch_train_step(args) -> Callable[[], None]:
   """One training step of timm's model with ``torch.optim.SGD`` (a callable)."""
   import timm
   import torch
 
-  from repvgg_jax.bench import timm_name
+  from repvgg_jax.torch_io import timm_model_name
 
-  torch.set_num_threads(FLAGS.threads)
-  model = timm.create_model(timm_name(FLAGS.model), pretrained=False,
-                            num_classes=FLAGS.num_classes, in_chans=FLAGS.channels)
-  model.train()
+  cuda = torch.cuda.is_available()
+  device = 'cuda' if cuda else 'cpu'
+  torch.set_num_threads(args.threads)
+  memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+  model = timm.create_model(timm_model_name(args.model), pretrained=False,
+                            num_classes=args.num_classes, in_chans=args.channels)
+  model = model.to(device, memory_format=memory_format).train()
   optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-  images = torch.randn(FLAGS.batch_size, FLAGS.channels, FLAGS.image_size, FLAGS.image_size)
-  labels = torch.randint(0, FLAGS.num_classes, (FLAGS.batch_size,))
-
-  autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=FLAGS.dtype == 'bfloat16')
+  images = torch.randn(args.batch_size, args.channels, args.image_size, args.image_size,
+                       device=device).contiguous(memory_format=memory_format)
+  labels = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
 
   def one_step():
     optimizer.zero_grad(set_to_none=True)
@@ -109,35 +123,46 @@ def torch_train_step():
       loss = torch.nn.functional.cross_entropy(model(images), labels)
     loss.backward()
     optimizer.step()
+    if cuda:
+      torch.cuda.synchronize()
   return one_step
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  from repvgg_jax import bench
-  bench.set_cpu_flags()  # before JAX starts, as train.py does
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = parse_args(argv)
+  benchmarking.set_cpu_flags()  # before JAX starts, as train.py does
   import jax
-  import torch
+  steps = {}
+  versions = f'jax {jax.__version__}'
+  setting = (f'{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}'
+             f'x{args.channels}, {args.dtype}')
+  steps[f'JAX (repvgg-jax, pmap step, conv_impl={args.conv_impl})'] = jax_train_step(args)
+  if not args.no_torch:
+    import torch
+    from repvgg_jax.torch_io import timm_model_name
+    if timm_model_name(args.model) is None:
+      return cli.fail('benchmark_train.py', f'{args.model}: timm has no such model; '
+                      'pass --no-torch')
+    versions += f', torch {torch.__version__}'
+    layout = 'channels_last' if args.channels_last else 'NCHW'
+    where = 'CUDA' if torch.cuda.is_available() else f'{args.threads} threads'
+    steps[f'PyTorch (timm, {layout}, {where})'] = torch_train_step(args)
   load = os.getloadavg()
-  setting = (f'{FLAGS.model}, batch {FLAGS.batch_size}, {FLAGS.image_size}x{FLAGS.image_size}'
-             f'x{FLAGS.channels}, {FLAGS.dtype}')
   print(f'date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, '
-        f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load '
-        f'{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; jax {jax.__version__}, '
-        f'torch {torch.__version__}')
-  steps = {f'JAX (repvgg-jax, pmap step, conv_impl={FLAGS.conv_impl})': jax_train_step(),
-           f'PyTorch (timm, NCHW, {FLAGS.threads} threads)': torch_train_step()}
+        f'{benchmarking.device_description()}, {platform.machine()}, {os.cpu_count()} CPUs, '
+        f'load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {versions}')
   times = {name: [] for name in steps}
-  for name, step in steps.items():
+  for step in steps.values():
     step()  # warm-up: compilation, allocation
-  for _ in range(FLAGS.rounds):
+  for _ in range(args.rounds):
     for name, step in steps.items():
-      times[name] += _timed(step, FLAGS.steps)
+      times[name] += _timed(step, args.steps)
   print('| framework | setting | training images/s |')
   print('|---|---|---|')
   for name, measured in times.items():
-    print(f'| {name} | {setting} | {FLAGS.batch_size / statistics.median(measured):.1f} |')
+    print(f'| {name} | {setting} | {args.batch_size / statistics.median(measured):.1f} |')
+  return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(main())

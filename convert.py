@@ -2,13 +2,15 @@
 jax.export artifact), PyTorch weights -> Flax variables, and Flax -> PyTorch.
 
   # Training run -> deploy variables directory (+ model.jax_export with --export):
-  python convert.py --workdir runs/a0 --output deploy/a0 [--step N] [--export stablehlo]
+  python convert.py deploy --workdir runs/a0 --output deploy/a0 [--step N] [--export stablehlo]
   # PyTorch state dict (official or timm names, .pth or .safetensors) -> variables:
-  python convert.py --from-torch RepVGG-A0-train.pth --model RepVGG-A0 --output a0_torch
+  python convert.py from-torch RepVGG-A0-train.pth --model RepVGG-A0 --output a0_torch
   # Training run or variables directory -> PyTorch state dict:
-  python convert.py --to-torch a0.pth --workdir runs/a0 [--naming official|timm]
-  python convert.py --to-torch a0.safetensors --from-variables a0_torch
+  python convert.py to-torch a0.pth --workdir runs/a0 [--naming official|timm]
+  python convert.py to-torch a0.safetensors --variables a0_torch
 
+The spellings from before the subcommands still work: ``--workdir RUN --output DIR``
+(deploy), ``--from-torch FILE ...`` and ``--to-torch FILE ... [--from-variables DIR]``.
 Errors (a missing, unreadable or mismatched checkpoint, an existing output without
 --overwrite, a deploy model that does not reproduce the training-time model within 1e-5)
 print one line and exit with status 1, leaving nothing written.
@@ -16,70 +18,79 @@ print one line and exit with status 1, leaving nothing written.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional, Sequence
 
-from repvgg_jax import convolution, export
-from repvgg_jax.checkpoint import CheckpointError
+from repvgg_jax import checkpoint, cli, conversion, convolution, torch_io
 from repvgg_jax.variants import list_models
 
+COMMANDS = ('deploy', 'from-torch', 'to-torch')
+# The flags that named the mode before the subcommands, and the subcommand each is now.
+LEGACY_MODES = {'--from-torch': 'from-torch', '--to-torch': 'to-torch'}
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n\n')[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n\n', 1)[1])
-  source = parser.add_argument_group('source (one of)')
-  source.add_argument('--workdir', help='a training run of train.py (run.json, checkpoints/)')
-  source.add_argument('--from-torch', metavar='FILE',
-                      help='a PyTorch RepVGG state dict (.pth/.pt/.safetensors)')
-  source.add_argument('--from-variables', metavar='DIR',
-                      help='a variables directory (with --to-torch)')
-  parser.add_argument('--output', metavar='DIR', help='the variables directory to write')
-  parser.add_argument('--to-torch', metavar='FILE',
-                      help='write a PyTorch state dict (.pth/.pt or .safetensors) instead')
-  parser.add_argument('--naming', choices=('official', 'timm'), default='official',
-                      help='PyTorch key names for --to-torch (default: official)')
-  parser.add_argument('--step', type=int, help='checkpoint step of --workdir (default: latest)')
-  parser.add_argument('--model', choices=list_models(), metavar='NAME',
-                      help='the model: required with --from-torch; with --workdir, the '
-                      'model the run must be of')
-  parser.add_argument('--image-size', type=int, default=224,
-                      help='input size recorded for --from-torch (default: 224)')
-  parser.add_argument('--export', choices=export.EXPORT_FORMATS,
+
+def _with_subcommand(argv: list[str]) -> list[str]:
+  """The pre-subcommand spellings as subcommands: ``--from-torch FILE ...`` ->
+  ``from-torch FILE ...``, ``--to-torch FILE ...`` -> ``to-torch FILE ...`` (with
+  ``--from-variables`` -> ``--variables``), anything else -> ``deploy ...``."""
+  if not argv or argv[0] in COMMANDS or argv[0] in ('-h', '--help'):
+    return argv
+  for i, arg in enumerate(argv):
+    flag, sep, value = arg.partition('=')
+    if flag in LEGACY_MODES:
+      file = [value] if sep else argv[i + 1:i + 2]
+      rest = argv[:i] + argv[i + (1 if sep else 2):]
+      rest = ['--variables' if a == '--from-variables' else a for a in rest]
+      return [LEGACY_MODES[flag], *file, *rest]
+  return ['deploy', *argv]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+  parser = cli.ArgumentParser(__doc__, prog='convert.py')
+  commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+  deploy = commands.add_parser('deploy', help='training run -> verified deploy checkpoint')
+  cli.add_workdir(deploy, required=True)
+  cli.add_step(deploy)
+  deploy.add_argument('--output', required=True, metavar='DIR',
+                      help='the variables directory to write')
+  cli.add_model(deploy, help='the model the run must be of (default: any)')
+  deploy.add_argument('--export', choices=conversion.EXPORT_FORMATS,
                       help='also write a jax.export artifact of the deploy model '
-                      f'({export.EXPORT_FILE}, symbolic batch size)')
-  parser.add_argument('--conv', choices=('auto',) + convolution.CONV_IMPLS, default='auto',
-                      help='3x3 conv of the exported deploy model: XLA\'s, matmuls for '
-                      'maps of <= 4 pixels (patches), or Winograd for the stride-1 layers '
-                      '(checked against the 1e-5 bar too); auto (default): winograd4 for '
-                      'a CPU-only export, xla otherwise')
-  parser.add_argument('--platforms', default=','.join(export.EXPORT_PLATFORMS),
-                      help='platforms lowered into the export (default: %(default)s)')
-  parser.add_argument('--overwrite', action='store_true', help='replace an existing output')
-  args = parser.parse_args(argv)
+                      f'({conversion.EXPORT_FILE}, symbolic batch size)')
+  cli.add_conv_impl(deploy, ('auto',) + convolution.CONV_IMPLS, default='auto',
+                    extra_names=('--conv',),
+                    help='3x3 conv of the exported deploy model: XLA\'s, matmuls for maps '
+                    'of <= 4 pixels (patches), or Winograd for the stride-1 layers (checked '
+                    'against the 1e-5 bar too); auto (default): winograd4 for a CPU-only '
+                    'export, xla otherwise')
+  deploy.add_argument('--platforms', type=cli.choices(conversion.KNOWN_PLATFORMS),
+                      default=list(conversion.EXPORT_PLATFORMS),
+                      help='platforms lowered into the export, comma-separated (default: '
+                      f'{",".join(conversion.EXPORT_PLATFORMS)})')
+  cli.add_overwrite(deploy)
 
-  sources = [name for name in ('workdir', 'from_torch', 'from_variables')
-             if getattr(args, name) is not None]
-  if len(sources) != 1:
-    parser.error('give exactly one of --workdir, --from-torch, --from-variables')
-  if args.to_torch:
-    if args.from_torch:
-      parser.error('--to-torch reads --workdir or --from-variables, not --from-torch')
-    if args.output or args.export:
-      parser.error('--to-torch writes only the state dict: drop --output/--export')
-  else:
-    if args.from_variables:
-      parser.error('--from-variables is a source for --to-torch only')
-    if not args.output:
-      parser.error('--output DIR is required')
-    if args.from_torch and not args.model:
-      parser.error(f'--from-torch needs --model (one of {", ".join(list_models())})')
-  unknown = set(args.platforms.split(',')) - set(export.KNOWN_PLATFORMS)
-  if unknown or not args.platforms:
-    parser.error(f'--platforms {args.platforms!r}: comma-separated, from '
-                 f'{", ".join(export.KNOWN_PLATFORMS)}')
-  if args.step is not None and not args.workdir:
+  from_torch = commands.add_parser('from-torch', help='PyTorch state dict -> variables')
+  from_torch.add_argument('file', help='a PyTorch RepVGG state dict (.pth/.pt/.safetensors)')
+  cli.add_model(from_torch)
+  from_torch.add_argument('--output', required=True, metavar='DIR',
+                          help='the variables directory to write')
+  cli.add_image_size(from_torch, help='input size recorded in the metadata (default: 224)')
+  cli.add_overwrite(from_torch)
+
+  to_torch = commands.add_parser('to-torch', help='run or variables -> PyTorch state dict')
+  to_torch.add_argument('file', help='the state dict to write (.pth/.pt or .safetensors)')
+  source = to_torch.add_mutually_exclusive_group(required=True)
+  cli.add_workdir(source)
+  source.add_argument('--variables', metavar='DIR', help='a variables directory')
+  cli.add_step(to_torch)
+  to_torch.add_argument('--naming', choices=torch_io.NAMINGS, default='official',
+                        help='PyTorch key names (default: official)')
+
+  args = parser.parse_args(_with_subcommand(list(sys.argv[1:] if argv is None else argv)))
+  if args.command == 'from-torch' and not args.model:
+    parser.error(f'--from-torch needs --model (one of {", ".join(list_models())})')
+  if args.command == 'to-torch' and args.step is not None and not args.workdir:
     parser.error('--step applies to --workdir only')
   return args
 
@@ -87,24 +98,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   try:
-    if args.to_torch:
-      export.export_torch(args.to_torch, args.naming, workdir=args.workdir,
-                          variables_dir=args.from_variables, step=args.step)
-    elif args.from_torch:
-      export.import_torch(args.from_torch, args.model, args.output, args.image_size,
-                          args.overwrite)
+    if args.command == 'to-torch':
+      conversion.export_torch(args.file, args.naming, workdir=args.workdir,
+                              variables_dir=args.variables, step=args.step)
+    elif args.command == 'from-torch':
+      conversion.import_torch(args.file, args.model, args.output, args.image_size,
+                              args.overwrite)
     else:
-      platforms = args.platforms.split(',')
-      conv_impl = args.conv
+      conv_impl = args.conv_impl
       if conv_impl == 'auto':
-        conv_impl = (convolution.default_conv_impl(platforms[0])
-                     if args.export and len(platforms) == 1 else 'xla')
-      export.convert_training_run(
+        conv_impl = (convolution.default_conv_impl(args.platforms[0])
+                     if args.export and len(args.platforms) == 1 else 'xla')
+      conversion.convert_training_run(
           args.workdir, args.output, step=args.step, model=args.model, export=args.export,
-          conv_impl=conv_impl, overwrite=args.overwrite, platforms=platforms)
-  except (CheckpointError, export.ConversionError, ValueError, OSError) as e:
-    print(f'convert.py: error: {e}', file=sys.stderr)
-    return 1
+          conv_impl=conv_impl, overwrite=args.overwrite, platforms=args.platforms)
+  except (checkpoint.CheckpointError, conversion.ConversionError, ValueError, OSError) as e:
+    return cli.fail('convert.py', e)
   return 0
 
 

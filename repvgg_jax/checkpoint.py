@@ -5,10 +5,11 @@ Two layouts, both plain orbax, both readable without tensorflow:
 * a training run ``WORKDIR`` holds ``run.json`` (the run's model metadata, see
   ``model_metadata``) and ``checkpoints/<step>/`` written by an orbax
   ``CheckpointManager`` with one item, ``state``, a pytree holding at least ``params``
-  and ``batch_stats`` (train.py adds ``step``, ``opt_state``, ``ema_params`` ...);
+  and ``batch_stats`` (train.py adds ``step``, ``opt_state`` and, with EMA, ``ema``);
 * a variables directory (what ``convert.py`` writes and ``train.py --config.init_from``
   reads) holds ``model.json`` (the same metadata plus ``structure``: ``'train'`` or
-  ``'deploy'``) and ``variables/``, a StandardCheckpointer tree.
+  ``'deploy'``), ``variables/``, a StandardCheckpointer tree, and any extra files of the
+  writer (``convert.py``'s exports).
 """
 
 from __future__ import annotations
@@ -17,18 +18,16 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+
+from repvgg_jax.variants import IMAGENET_MEAN, IMAGENET_STD
 
 RUN_METADATA = 'run.json'
 MODEL_METADATA = 'model.json'
 CHECKPOINTS = 'checkpoints'
 STATE_ITEM = 'state'
-
-# ImageNet statistics in [0, 255] pixel units: the default normalization.
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 class CheckpointError(ValueError):
@@ -64,27 +63,45 @@ def read_json(path: str) -> dict[str, Any]:
     raise CheckpointError(f'{path}: not valid JSON ({e})') from None
 
 
+def refuse_existing(path: str, overwrite: bool) -> None:
+  """Raise CheckpointError if ``path`` exists and may not be replaced: called before any
+  work that would be lost, and again just before writing."""
+  if os.path.exists(path) and not overwrite:
+    raise CheckpointError(f'{path}: already exists (pass --overwrite to replace it)')
+
+
 def save_variables(directory: str, variables: Any, metadata: dict[str, Any],
-                   overwrite: bool = False) -> None:
-  """Write ``variables`` and ``metadata`` to a new variables directory.
+                   overwrite: bool = False, extra_files: Mapping[str, bytes] = (),
+                   this_process_only: bool = False) -> None:
+  """Write ``variables``, ``metadata`` and ``extra_files`` (name -> contents) to a new
+  variables directory.
 
   Everything is written into a temporary sibling directory first and renamed into place,
   so a failure leaves nothing behind. An existing ``directory`` is an error unless
-  ``overwrite``; it is replaced only once the new one is complete.
+  ``overwrite``; it is replaced only once the new one is complete. Orbax synchronizes
+  all processes of a multi-process run in every save; ``this_process_only`` writes from
+  the calling process alone (e.g. process 0 exporting the deploy model).
   """
+  import jax
   import orbax.checkpoint as ocp
 
   directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not overwrite:
-    raise CheckpointError(f'{directory}: already exists (pass overwrite to replace it)')
+  refuse_existing(directory, overwrite)
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(directory)}.tmp-')
   try:
-    checkpointer = ocp.StandardCheckpointer()
+    processes = ocp.options.MultiprocessingOptions(
+        primary_host=jax.process_index(), active_processes={jax.process_index()}
+    ) if this_process_only and jax.process_count() > 1 else ocp.options.MultiprocessingOptions()
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=processes)
     checkpointer.save(os.path.join(tmp, 'variables'), _to_numpy(variables))
     checkpointer.wait_until_finished()
     write_json(os.path.join(tmp, MODEL_METADATA), metadata)
+    for name, contents in dict(extra_files).items():
+      with open(os.path.join(tmp, name), 'wb') as f:
+        f.write(contents)
+    refuse_existing(directory, overwrite)
     if os.path.exists(directory):
       shutil.rmtree(directory)
     os.replace(tmp, directory)
@@ -119,6 +136,22 @@ def checkpoint_manager(workdir: str, max_to_keep: Optional[int] = 3,
       create=not read_only, read_only=read_only)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS),
                                item_names=(STATE_ITEM,), options=options)
+
+
+def save_train_state(manager: Any, step: int, state: Any) -> None:
+  """Save the training state (numpy pytree) as checkpoint ``step`` of a run's manager."""
+  import orbax.checkpoint as ocp
+  manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)}))
+
+
+def restore_train_state(manager: Any, step: int, like: Any) -> Any:
+  """Checkpoint ``step`` of a run's manager, as numpy arrays with the structure, shapes
+  and dtypes of ``like`` (a state of the same run)."""
+  import jax
+  import orbax.checkpoint as ocp
+  restored = manager.restore(step, args=ocp.args.Composite(
+      **{STATE_ITEM: ocp.args.StandardRestore(like)}))
+  return jax.tree_util.tree_map(np.asarray, restored[STATE_ITEM])
 
 
 def restore_training_variables(workdir: str, step: Optional[int] = None

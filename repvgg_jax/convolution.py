@@ -1,7 +1,9 @@
 """How the model computes its convolutions: the ``conv_impl`` of ``create_model``.
 
-The implementations give the same function with the same variables, except that Winograd
-wants its kernels transformed (``winograd.transform_kernels``):
+The one place that maps a ``conv_impl`` to the conv layers the blocks build
+(``conv_layer``) and to the deploy kernels those layers want (``transform_kernels``). The
+implementations give the same function with the same variables, except that Winograd wants
+its kernels transformed:
 
 - ``'xla'``: ``lax.conv_general_dilated`` everywhere (the default).
 - ``'patches'``: convolutions whose output map has at most ``PATCHES_MAX_OUTPUT_PIXELS``
@@ -14,22 +16,25 @@ wants its kernels transformed (``winograd.transform_kernels``):
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-CONV_IMPLS = ('xla', 'patches', 'winograd2', 'winograd4')
-WINOGRAD_IMPLS = ('winograd2', 'winograd4')
+from repvgg_jax import winograd
+
+CONV_IMPLS = ('xla', 'patches') + winograd.IMPLS
 # conv_impl='patches' computes the convs with an output map up to this size by im2col.
 PATCHES_MAX_OUTPUT_PIXELS = 4
 
 
 def check_conv_impl(conv_impl: str, deploy: bool) -> None:
   """Raise ValueError unless ``conv_impl`` can build the structure (deploy or not)."""
-  accepted = CONV_IMPLS if deploy else tuple(c for c in CONV_IMPLS if c not in WINOGRAD_IMPLS)
+  accepted = CONV_IMPLS if deploy else tuple(c for c in CONV_IMPLS if c not in winograd.IMPLS)
   if conv_impl not in accepted:
     raise ValueError(f'conv_impl {conv_impl!r}: accepted for the '
                      f'{"deploy" if deploy else "training-time"} structure are '
@@ -47,9 +52,48 @@ def default_conv_impl(platform: str, dtype: Any = jnp.float32) -> str:
   return 'winograd4' if platform == 'cpu' and jnp.dtype(dtype) == jnp.float32 else 'xla'
 
 
-def conv_general_dilated(conv_impl: str) -> Optional[Callable[..., jax.Array]]:
-  """The ``conv_general_dilated`` argument of ``nn.Conv`` for ``conv_impl`` (None: XLA's)."""
-  return conv_by_patches if conv_impl == 'patches' else None
+# Flax's default for convolution kernels (variance 1/fan_in); training scales it with the
+# config's conv_init_scale.
+DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()
+
+# conv(features, kernel_size, strides=1, groups=1, use_bias=False, name=None) -> a module.
+ConvLayer = Callable[..., nn.Module]
+
+
+def conv_layer(conv_impl: str = 'xla', *, dtype: Any = jnp.float32, precision: Any = None,
+               kernel_init: Callable[..., jax.Array] = DEFAULT_KERNEL_INIT) -> ConvLayer:
+  """The conv layer a model hands to its blocks, built once (as the Flax examples' ``conv
+  = partial(nn.Conv, ...)``): ``conv(features, kernel_size, strides=1, groups=1,
+  use_bias=False, name=None)`` is a square convolution with PyTorch's symmetric padding,
+  computed as ``conv_impl`` says; with Winograd, a biased stride-1 3x3 conv holds its
+  kernel in the Winograd domain (``winograd.WinogradConv3x3``)."""
+
+  def conv(features: int, kernel_size: int, strides: int = 1, groups: int = 1,
+           use_bias: bool = False, name: Optional[str] = None) -> nn.Module:
+    if conv_impl in winograd.IMPLS and (kernel_size, strides, use_bias) == (3, 1, True):
+      return winograd.WinogradConv3x3(features, conv_impl, groups, dtype, precision,
+                                      name=name)
+    # Explicit symmetric padding, as in PyTorch: with stride 2, 'SAME' would pad (0, 1)
+    # and shift the 3x3 window off the 1x1 branch's sampling grid.
+    pad = kernel_size // 2
+    return nn.Conv(features, (kernel_size, kernel_size), strides=strides,
+                   padding=((pad, pad), (pad, pad)), feature_group_count=groups,
+                   use_bias=use_bias, dtype=dtype, precision=precision,
+                   kernel_init=kernel_init,
+                   conv_general_dilated=conv_by_patches if conv_impl == 'patches' else None,
+                   name=name)
+  return conv
+
+
+def transform_kernels(variables: Mapping[str, Any], model: str,
+                      conv_impl: str) -> dict[str, Any]:
+  """The deploy variables of ``model`` (``rv.reparameterize``'s) as a deploy model built
+  with ``conv_impl`` wants them: Winograd-domain kernels for ``'winograd2'``/
+  ``'winograd4'`` (``winograd.transform_kernels``), the tree unchanged otherwise."""
+  check_conv_impl(conv_impl, deploy=True)
+  if conv_impl in winograd.IMPLS:
+    return winograd.transform_kernels(variables, model, conv_impl)
+  return dict(variables)
 
 
 def conv_by_patches(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

@@ -9,72 +9,39 @@ maps the variables of the first onto those of the second.
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator, NamedTuple, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from repvgg_jax.blocks import (DEFAULT_KERNEL_INIT, ConvBN, Dtype, Initializer, Precision,
-                               RepVGGBlock)
-from repvgg_jax.convolution import check_conv_impl
-from repvgg_jax.variants import Variant, get_variant
+from repvgg_jax.blocks import ConvBN, ModuleDef, RepVGGBlock, batch_norm
+from repvgg_jax.convolution import DEFAULT_KERNEL_INIT, ConvLayer, check_conv_impl, conv_layer
+from repvgg_jax.variants import (AUX_STAGES, MIN_IMAGE_SIZE, Variant, get_variant,
+                                 layer_specs, stage_names)
+
+# Compute dtypes by the names configs and command lines use.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-class LayerSpec(NamedTuple):
-  """One RepVGG block: where it sits and what it computes."""
-  stage: str       # parameter-tree name of its stage, e.g. 'stage2' or 'stage3_first'
-  index: int       # position within the stage
-  features: int
-  strides: int
-  groups: int
-
-
-def layer_specs(variant: Variant) -> Iterator[LayerSpec]:
-  """The blocks of ``variant`` in order, the stem first (global layer index 0)."""
-  yield LayerSpec('stage0', 0, variant.stem_width, 2, 1)
-  layer = 1
-  for stage, (width, depth) in enumerate(zip(variant.stage_widths, variant.depths), 1):
-    for i in range(depth):
-      name, index = f'stage{stage}', i
-      if variant.plus and stage == 3:
-        # RepVGGplus splits stage 3 in halves to hang an auxiliary head in the middle.
-        half = depth // 2
-        name, index = ('stage3_first', i) if i < half else ('stage3_second', i - half)
-      yield LayerSpec(name, index, width, 2 if i == 0 else 1, variant.layer_groups(layer))
-      layer += 1
-
-
-def stage_names(variant: Variant) -> list[str]:
-  return list(dict.fromkeys(spec.stage for spec in layer_specs(variant)))
-
-
-# Stages after which RepVGGplus attaches an auxiliary classifier during training.
-AUX_STAGES = ('stage1', 'stage2', 'stage3_first')
+def _as_logits(x: jax.Array) -> jax.Array:
+  # Losses want at least float32 logits, whatever the compute dtype (bfloat16 included).
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 class AuxHead(nn.Module):
   """RepVGGplus auxiliary classifier: 3x3/2 conv-BN-ReLU, global mean, linear."""
   num_classes: int
-  dtype: Dtype = jnp.float32
-  precision: Precision = None
-  bn_axis_name: Optional[str] = None
-  conv_impl: str = 'xla'
-  kernel_init: Initializer = DEFAULT_KERNEL_INIT
+  conv: ConvLayer
+  norm: ModuleDef
+  dense: ModuleDef
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = ConvBN(x.shape[-1], 3, strides=2, dtype=self.dtype, precision=self.precision,
-               bn_axis_name=self.bn_axis_name, conv_impl=self.conv_impl,
-               kernel_init=self.kernel_init, name='downsample')(x, train)
+    x = ConvBN(x.shape[-1], 3, strides=2, conv=self.conv, norm=self.norm,
+               name='downsample')(x, train)
     x = jnp.mean(nn.relu(x), axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, precision=self.precision, name='fc')(x)
-    return x.astype(_logits_dtype(self.dtype))
-
-
-def _logits_dtype(dtype: Dtype) -> Any:
-  # Losses want at least float32 logits, whatever the compute dtype (bfloat16 included).
-  return jnp.promote_types(dtype, jnp.float32)
+    return _as_logits(self.dense(self.num_classes, name='fc')(x))
 
 
 class RepVGG(nn.Module):
@@ -92,25 +59,28 @@ class RepVGG(nn.Module):
     conv_impl: how convolutions are computed, one of ``convolution.CONV_IMPLS``:
       ``'xla'``; ``'patches'`` (matmuls on tiny maps, for CPU training); deploy only,
       ``'winograd2'``/``'winograd4'`` for the stride-1 convs, whose variables come from
-      ``winograd.transform_kernels``.
+      ``convolution.transform_kernels``.
     kernel_init: initializer of the training-time conv kernels (Flax's LeCun normal).
   """
   variant: Variant
   num_classes: int = 1000
   deploy: bool = False
-  dtype: Dtype = jnp.float32
-  precision: Precision = None
+  dtype: Any = jnp.float32
+  precision: Any = None
   bn_axis_name: Optional[str] = None
   conv_impl: str = 'xla'
-  kernel_init: Initializer = DEFAULT_KERNEL_INIT
+  kernel_init: Callable[..., jax.Array] = DEFAULT_KERNEL_INIT
 
   def setup(self):
     v = self.variant
     check_conv_impl(self.conv_impl, self.deploy)
-    block = functools.partial(
-        RepVGGBlock, se=v.se, se_reduction=v.se_reduction, deploy=self.deploy,
-        dtype=self.dtype, precision=self.precision, bn_axis_name=self.bn_axis_name,
-        conv_impl=self.conv_impl, kernel_init=self.kernel_init)
+    # The layers every block uses, built once.
+    conv = conv_layer(self.conv_impl, dtype=self.dtype, precision=self.precision,
+                      kernel_init=self.kernel_init)
+    norm = batch_norm(self.bn_axis_name, self.dtype)
+    dense = functools.partial(nn.Dense, dtype=self.dtype, precision=self.precision)
+    block = functools.partial(RepVGGBlock, se=v.se, se_reduction=v.se_reduction,
+                              deploy=self.deploy, conv=conv, norm=norm, dense=dense)
     stages: dict[str, list[RepVGGBlock]] = {}
     for spec in layer_specs(v):
       stages.setdefault(spec.stage, []).append(
@@ -119,12 +89,10 @@ class RepVGG(nn.Module):
     for name, blocks in stages.items():
       setattr(self, name, blocks)  # Flax names list members '<attr>_<i>', e.g. 'stage2_3'.
     if self.num_classes:
-      self.linear = nn.Dense(self.num_classes, dtype=self.dtype, precision=self.precision)
+      self.linear = dense(self.num_classes)
     if v.plus and not self.deploy:
       for name in AUX_STAGES:
-        setattr(self, f'{name}_aux', AuxHead(self.num_classes, self.dtype, self.precision,
-                                             self.bn_axis_name, self.conv_impl,
-                                             self.kernel_init))
+        setattr(self, f'{name}_aux', AuxHead(self.num_classes, conv, norm, dense))
 
   def _stage_outputs(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
     if x.ndim != 4:
@@ -157,8 +125,7 @@ class RepVGG(nn.Module):
     """
     outputs = self._stage_outputs(x, train)
     pooled = jnp.mean(outputs['stage4'], axis=(1, 2))
-    logits = (self.linear(pooled) if self.num_classes else pooled).astype(
-        _logits_dtype(self.dtype))
+    logits = _as_logits(self.linear(pooled) if self.num_classes else pooled)
     # The aux heads also run while initializing, so that init(train=False) creates them.
     if self.variant.plus and not self.deploy and (train or self.is_initializing()):
       aux = {f'{name}_aux': getattr(self, f'{name}_aux')(outputs[name], train)
@@ -168,14 +135,11 @@ class RepVGG(nn.Module):
     return logits
 
 
-def create_model(name: str, num_classes: int = 1000, deploy: bool = False,
-                 dtype: Dtype = jnp.float32, precision: Precision = None,
-                 bn_axis_name: Optional[str] = None, conv_impl: str = 'xla',
-                 kernel_init: Initializer = DEFAULT_KERNEL_INIT) -> RepVGG:
-  """The RepVGG called ``name`` (see ``list_models()``), training-time or deploy."""
-  return RepVGG(get_variant(name), num_classes=num_classes, deploy=deploy, dtype=dtype,
-                precision=precision, bn_axis_name=bn_axis_name, conv_impl=conv_impl,
-                kernel_init=kernel_init)
+def create_model(name: str, *args: Any, **kwargs: Any) -> RepVGG:
+  """``RepVGG(get_variant(name), ...)``: the model called ``name`` (see ``list_models()``);
+  the other arguments are ``RepVGG``'s fields after ``variant`` (``num_classes``,
+  ``deploy``, ``dtype``, ``precision``, ``bn_axis_name``, ``conv_impl``, ``kernel_init``)."""
+  return RepVGG(get_variant(name), *args, **kwargs)
 
 
 def deploy_macs(name: str, image_size: Union[int, tuple[int, int]] = 224,
@@ -195,6 +159,13 @@ def deploy_macs(name: str, image_size: Union[int, tuple[int, int]] = 224,
       macs += 2 * spec.features * (spec.features // v.se_reduction)
     channels = spec.features
   return macs + channels * num_classes
+
+
+def variable_shapes(model: nn.Module, channels: int = 3) -> dict[str, Any]:
+  """``jax.eval_shape`` of ``model.init``: every variable's shape and dtype, nothing
+  computed. Shapes do not depend on the input size, so the smallest input is used."""
+  x = jax.ShapeDtypeStruct((1, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE, channels), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
 
 
 def count_params(tree: Any) -> int:

@@ -14,7 +14,7 @@ Two PyTorch namings of the same networks are understood:
   deploy ``reparam_conv``, SE ``attn.fc1``/``attn.fc2``, classifier ``head.fc``.
 
 The key table is derived from the Flax model itself (``jax.eval_shape`` of its
-``init`` and ``models.layer_specs``): every Flax leaf is named by translating each
+``init`` and ``variants.layer_specs``): every Flax leaf is named by translating each
 module name of its path, so any variant in ``variants.py`` is covered without a
 per-variant table. Layouts: a PyTorch conv weight ``(O, I/g, kH, kW)`` is a Flax
 ``(kH, kW, I/g, O)`` kernel, a Linear weight ``(out, in)`` a Dense ``(in, out)`` kernel,
@@ -36,13 +36,12 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Optional, Union
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from repvgg_jax.models import AUX_STAGES, create_model, layer_specs
-from repvgg_jax.variants import VARIANTS, Variant, get_variant
+from repvgg_jax.models import create_model, variable_shapes
+from repvgg_jax.variants import AUX_STAGES, VARIANTS, Variant, get_variant, layer_specs
 
 NAMINGS = ('official', 'timm')
 TORCH_SUFFIXES = ('.pth', '.pt')
@@ -117,7 +116,7 @@ def _top_level_names(variant: Variant, naming: str) -> dict[str, str]:
     raise ValueError(f'{variant.name}: timm has no RepVGGplus; use naming=\'official\'')
   names = {}
   for spec in layer_specs(variant):
-    flax_name = spec.stage if spec.stage == 'stage0' else f'{spec.stage}_{spec.index}'
+    flax_name = spec.module_name
     if naming == 'timm':
       names[flax_name] = ('stem' if spec.stage == 'stage0'
                           else f'stages.{int(spec.stage[len("stage"):]) - 1}.{spec.index}')
@@ -141,9 +140,7 @@ def _leaves(name: str, naming: str, deploy: bool, num_classes: int) -> tuple[_Le
   module_names = dict(_MODULE_NAMES[naming])
   if naming == 'official' and variant.se:
     module_names['se'] = _OFFICIAL_SE_NAMES[variant.se]
-  model = create_model(name, num_classes=num_classes, deploy=deploy)
-  # Shapes only: 64x64 is enough for every downsampling, including the aux heads.
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  shapes = variable_shapes(create_model(name, num_classes=num_classes, deploy=deploy))
   tops = list(top_names)
   flat = sorted(traverse_util.flatten_dict(dict(shapes)).items(), key=lambda item: (
       tops.index(item[0][1]), [_ORDER[part] for part in item[0][2:]]))
@@ -432,8 +429,7 @@ def _with_num_classes(variables: dict[str, Any], name: str, num_classes: int) ->
   """``variables`` for a model with ``num_classes`` outputs: classifiers whose shape
   changes are zero-initialized (``num_classes=0`` drops the main one)."""
   deploy = 'batch_stats' not in variables
-  model = create_model(name, num_classes=num_classes, deploy=deploy)
-  target = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  target = variable_shapes(create_model(name, num_classes=num_classes, deploy=deploy))
   loaded = traverse_util.flatten_dict(variables)
   flat = {path: (loaded[path] if path in loaded and loaded[path].shape == struct.shape
                  else jnp.zeros(struct.shape, struct.dtype))

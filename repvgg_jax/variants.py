@@ -1,4 +1,5 @@
-"""The RepVGG model zoo as data: depths, widths, groups and SE per variant.
+"""The RepVGG model zoo as data: depths, widths, groups and SE per variant, and the blocks
+each variant is made of (``layer_specs``). Plain Python: no JAX, no Flax.
 
 Everything here follows the official definitions (DingXiaoH/RepVGG, ``repvgg.py``
 and ``repvggplus.py``), which match the paper's Table 2 and Table 3:
@@ -13,7 +14,16 @@ and ``repvggplus.py``), which match the paper's Table 2 and Table 3:
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Iterator, Literal, NamedTuple, Optional
+
+# The input normalization of the published ImageNet weights, ``(pixel - mean) / std`` on RGB
+# pixels in [0, 255]: ImageNet's statistics.
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+# RepVGG downsamples 32x: the smallest input every variant accepts, and the one used where
+# only parameter shapes matter (they do not depend on the input size).
+MIN_IMAGE_SIZE = 32
 
 # Global layer indices that the g2/g4 variants make groupwise (stage0 is layer 0).
 GROUPWISE_LAYERS = tuple(range(2, 27, 2))
@@ -102,3 +112,46 @@ def get_variant(name: str) -> Variant:
   except (KeyError, TypeError):
     raise ValueError(
         f'unknown model {name!r}; valid names: {", ".join(VARIANTS)}') from None
+
+
+# ------------------------------------------------------------------------------------------
+# The blocks of a variant, in order: what the model builds and where its parameters live.
+
+
+class LayerSpec(NamedTuple):
+  """One RepVGG block: where it sits and what it computes."""
+  stage: str       # parameter-tree name of its stage, e.g. 'stage2' or 'stage3_first'
+  index: int       # position within the stage
+  features: int
+  strides: int
+  groups: int
+
+  @property
+  def module_name(self) -> str:
+    """The block's name in the parameter tree: 'stage0' for the stem, else
+    '<stage>_<index>' (how Flax names the members of a stage's list)."""
+    return self.stage if self.stage == 'stage0' else f'{self.stage}_{self.index}'
+
+
+def layer_specs(variant: Variant) -> Iterator[LayerSpec]:
+  """The blocks of ``variant`` in order, the stem first (global layer index 0)."""
+  yield LayerSpec('stage0', 0, variant.stem_width, 2, 1)
+  layer = 1
+  for stage, (width, depth) in enumerate(zip(variant.stage_widths, variant.depths), 1):
+    for i in range(depth):
+      name, index = f'stage{stage}', i
+      if variant.plus and stage == 3:
+        # RepVGGplus splits stage 3 in halves to hang an auxiliary head in the middle.
+        half = depth // 2
+        name, index = ('stage3_first', i) if i < half else ('stage3_second', i - half)
+      yield LayerSpec(name, index, width, 2 if i == 0 else 1, variant.layer_groups(layer))
+      layer += 1
+
+
+def stage_names(variant: Variant) -> list[str]:
+  """The parameter-tree names of the stages, in order ('stage0' ... 'stage4')."""
+  return list(dict.fromkeys(spec.stage for spec in layer_specs(variant)))
+
+
+# Stages after which RepVGGplus attaches an auxiliary classifier during training.
+AUX_STAGES = ('stage1', 'stage2', 'stage3_first')

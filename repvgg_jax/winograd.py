@@ -10,7 +10,8 @@ of 144 (4x fewer). The larger transforms of F(4x4) can cost float32 accuracy; wi
 kernels transformed in float64 the RepVGG logits stay within ~5e-7 of the training-time
 model's, as close as XLA's convolution (docs/benchmarks.md).
 
-Use it through the model's ``conv_impl`` attribute::
+Use it through the model's ``conv_impl`` attribute (``convolution.py`` maps it to the
+modules here)::
 
     deploy = rv.create_model('RepVGG-A0', deploy=True, conv_impl='winograd4')
     variables = winograd.transform_kernels(deploy_vars, 'RepVGG-A0', 'winograd4')
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax.convolution import WINOGRAD_IMPLS, check_conv_impl
+from repvgg_jax.variants import get_variant, layer_specs
 
 # (B^T, G, A^T) of F(m x m, 3x3) with the interpolation points of Lavin & Gray.
 _TRANSFORMS = {
@@ -50,10 +51,14 @@ _TRANSFORMS = {
 }
 
 
+# The Winograd implementations, by their ``conv_impl`` names.
+IMPLS = tuple(_TRANSFORMS)
+
+
 def _check_impl(conv_impl: str) -> None:
   if conv_impl not in _TRANSFORMS:
-    raise ValueError(f'unknown Winograd conv_impl {conv_impl!r}; accepted: '
-                     f'{", ".join(_TRANSFORMS)}')
+    raise ValueError(f'conv_impl {conv_impl!r}: the Winograd implementations are '
+                     f'{", ".join(IMPLS)}')
 
 
 def output_tile(conv_impl: str) -> int:
@@ -80,25 +85,19 @@ def transform_kernel(kernel: jax.Array, conv_impl: str) -> jax.Array:
 
 def transform_kernels(variables: Mapping[str, Any], model: str,
                       conv_impl: str) -> dict[str, Any]:
-  """Deploy variables of RepVGG ``model`` for a model built with ``conv_impl``.
+  """Deploy variables of RepVGG ``model`` for a model built with Winograd ``conv_impl``.
 
   The kernel of every stride-1 block (``<stage>_<i>/reparam_conv/kernel``, located with
-  ``models.layer_specs``) is replaced by its Winograd-domain kernel; every other leaf,
-  stride-2 blocks included, is unchanged. The other implementations (``'xla'``,
-  ``'patches'``) use the kernels as they are: the tree is returned unchanged.
+  ``variants.layer_specs``) is replaced by its Winograd-domain kernel; every other leaf,
+  stride-2 blocks included, is unchanged (``convolution.transform_kernels`` accepts every
+  ``conv_impl``).
 
   Args:
     variables: ``{'params': ...}`` of the deploy model, e.g. ``rv.reparameterize(...)``.
     model: the model name, e.g. ``'RepVGG-A0'``.
-    conv_impl: one of ``convolution.CONV_IMPLS``.
+    conv_impl: ``'winograd2'`` or ``'winograd4'``.
   """
-  # models imports blocks, which imports this module: import the model table lazily.
-  from repvgg_jax.models import layer_specs
-  from repvgg_jax.variants import get_variant
-
-  check_conv_impl(conv_impl, deploy=True)
-  if conv_impl not in WINOGRAD_IMPLS:
-    return dict(variables)
+  _check_impl(conv_impl)
   params = variables.get('params') if isinstance(variables, Mapping) else None
   if not isinstance(params, Mapping):
     raise ValueError("transform_kernels expects deploy variables {'params': ...}, got "
@@ -107,7 +106,7 @@ def transform_kernels(variables: Mapping[str, Any], model: str,
   for spec in layer_specs(get_variant(model)):
     if spec.strides != 1:
       continue
-    name = f'{spec.stage}_{spec.index}'
+    name = spec.module_name
     block = params.get(name)
     if not isinstance(block, Mapping) or 'reparam_conv' not in block:
       raise ValueError(f"params/{name}/reparam_conv: missing; transform_kernels needs the "

@@ -12,8 +12,8 @@ import pytest
 
 import convert
 import repvgg_jax as rv
-from conftest import random_variables, relative_error
-from repvgg_jax import checkpoint, export
+from repvgg_jax.equivalence import random_variables, relative_error
+from repvgg_jax import checkpoint, conversion, equivalence
 
 # Grey images, as Fashion-MNIST's: the channel count comes from the normalization.
 MODEL, CLASSES, SIZE, CHANNELS = 'RepVGG-A0', 10, 32, 1
@@ -65,7 +65,7 @@ def test_writes_a_deploy_checkpoint_of_the_latest_step_that_reproduces_training(
   assert (metadata['model'], metadata['num_classes'], metadata['image_size']) == (
       MODEL, CLASSES, SIZE)
   assert (tuple(metadata['mean']), tuple(metadata['std'])) == (MEAN, STD)
-  assert metadata['conversion_relative_error'] < export.TOLERANCE
+  assert metadata['conversion_relative_error'] < equivalence.TOLERANCE
   x = jax.random.normal(jax.random.PRNGKey(5), (3, SIZE, SIZE, CHANNELS))
   deploy = rv.create_model(MODEL, CLASSES, deploy=True)
   assert relative_error(deploy.apply(variables, x), train_logits(states[7], x)) < 1e-5
@@ -86,7 +86,7 @@ def test_stablehlo_export_runs_with_only_jax_at_any_batch_size(run, converted, t
   env = {**{k: v for k, v in os.environ.items() if k != 'PYTHONPATH'},
          'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'}
   subprocess.run([sys.executable, '-I', '-c', script,
-                  os.path.join(converted, export.EXPORT_FILE), str(tmp_path)],
+                  os.path.join(converted, conversion.EXPORT_FILE), str(tmp_path)],
                  check=True, env=env, cwd=tmp_path)
   for n in (1, 3):
     x = np.random.default_rng(n).normal(size=(n, SIZE, SIZE, CHANNELS)).astype(np.float32)
@@ -97,7 +97,7 @@ def test_stablehlo_export_runs_with_only_jax_at_any_batch_size(run, converted, t
 
 def test_load_deploy_runs_the_fastest_cpu_path_within_the_bar(run, converted):
   _, states = run
-  forward, metadata = export.load_deploy(converted)
+  forward, metadata = conversion.load_deploy(converted)
   assert metadata['model'] == MODEL
   x = jax.random.normal(jax.random.PRNGKey(5), (3, SIZE, SIZE, CHANNELS))
   assert relative_error(forward(x), train_logits(states[7], x)) < 1e-5
@@ -171,7 +171,7 @@ def test_a_deploy_model_off_by_more_than_1e5_is_not_written(run, tmp_path, monke
     block['bias'] = block['bias'] - variables['params']['stage1_1']['identity']['bias']
     return deploy
 
-  monkeypatch.setattr(export, 'reparameterize', lossy_reparameterize)
+  monkeypatch.setattr(conversion, 'reparameterize', lossy_reparameterize)
   assert convert.main(['--workdir', workdir, '--output', str(tmp_path / 'out')]) == 1
   assert 'differs from the training-time model' in capsys.readouterr().err
   assert os.listdir(tmp_path) == []

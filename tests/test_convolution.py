@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import repvgg_jax as rv
-from conftest import random_variables, relative_error
-from repvgg_jax import convolution, winograd
+from repvgg_jax.equivalence import random_variables, relative_error
+from repvgg_jax import convolution
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -73,16 +73,14 @@ def test_winograd_is_deploy_only_and_unknown_names_are_refused():
     convolution.check_conv_impl('im2col', deploy=True)
   for impl in convolution.CONV_IMPLS:
     convolution.check_conv_impl(impl, deploy=True)
-  # convolution.py cannot import winograd.py (a cycle), so the Winograd names live in both.
-  assert set(convolution.WINOGRAD_IMPLS) == set(winograd._TRANSFORMS)
 
 
 def test_only_winograd_transforms_the_kernels():
   name, x = 'RepVGG-A0', jnp.zeros((1, 32, 32, 3))
   deploy_vars = rv.reparameterize(random_variables(rv.create_model(name, 10), x))
   for impl in ('xla', 'patches'):
-    same = winograd.transform_kernels(deploy_vars, name, impl)
+    same = convolution.transform_kernels(deploy_vars, name, impl)
     assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(same),
                                       jax.tree_util.tree_leaves(deploy_vars)))
   with pytest.raises(ValueError, match="conv_impl 'winograd3'"):
-    winograd.transform_kernels(deploy_vars, name, 'winograd3')
+    convolution.transform_kernels(deploy_vars, name, 'winograd3')

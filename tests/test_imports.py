@@ -22,7 +22,7 @@ sys.meta_path.insert(0, Blocker())
 
 @pytest.mark.parametrize('statement', [
     'import repvgg_jax, repvgg_jax.reparam, repvgg_jax.checkpoint, repvgg_jax.torch_io',
-    'import repvgg_jax.export, repvgg_jax.bench, repvgg_jax.winograd',
+    'import repvgg_jax.conversion, repvgg_jax.benchmarking, repvgg_jax.winograd',
     'import runpy; runpy.run_path("convert.py", run_name="not_main")',
     'import runpy; runpy.run_path("benchmark.py", run_name="not_main")',
 ])

@@ -1,14 +1,17 @@
 """The model zoo: names, official sizes, structure of both graphs, and block semantics."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_variables, relative_error
 
 import repvgg_jax as rv
 from repvgg_jax.blocks import BN_EPSILON, RepVGGBlock
+from repvgg_jax.convolution import conv_layer
+from repvgg_jax.equivalence import random_variables, relative_error
 
 OFFICIAL_NAMES = [
     'RepVGG-A0', 'RepVGG-A1', 'RepVGG-A2', 'RepVGG-B0', 'RepVGG-B1', 'RepVGG-B1g2',
@@ -220,7 +223,8 @@ def _se(x, p):
 def test_training_block_is_relu_of_three_branch_sum(se, strides, groups, in_channels):
   """ReLU(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x)), SE before ('pre') or after the ReLU."""
   block = RepVGGBlock(16, strides=strides, groups=groups, se=se, se_reduction=4,
-                      precision='highest')
+                      conv=conv_layer(precision='highest'),
+                      dense=functools.partial(nn.Dense, precision='highest'))
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 14, in_channels))
   v = random_variables(block, x)
   p, s = v['params'], v['batch_stats']

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_variables, relative_error
+from repvgg_jax.equivalence import random_variables, relative_error
 
 import repvgg_jax as rv
 from repvgg_jax import reparam

@@ -20,7 +20,7 @@ from timm.utils.model import reparameterize_model  # noqa: E402
 
 import repvgg_jax as rv  # noqa: E402
 from repvgg_jax import torch_io  # noqa: E402
-from conftest import relative_error  # noqa: E402
+from repvgg_jax.equivalence import relative_error  # noqa: E402
 
 # Plain, grouped and squeeze-excite; small inputs (non-square where cheap) keep CI fast.
 PARITY_CASES = [
@@ -34,7 +34,7 @@ def random_timm_model(timm_name: str, seed: int = 0):
   """timm's model with random weights and BatchNorm state, in eval mode.
 
   Built on the meta device and filled with ``assign=True``, skipping timm's slow init
-  (D2se has 133M parameters). BatchNorm state follows conftest.randomize_batch_norm:
+  (D2se has 133M parameters). BatchNorm state is drawn like equivalence.randomize_batch_norm:
   means in [-3, 3], variances in [2, 8], gammas in [0.5, 1.5], betas that re-centre.
   """
   with torch.device('meta'):

@@ -22,7 +22,8 @@ import pytest
 
 import repvgg_jax as rv
 from repvgg_jax import checkpoint as ckpt
-from repvgg_jax import input_pipeline, train_lib
+from repvgg_jax import input_pipeline
+from repvgg_jax.training import metrics, optimization, steps, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.skipif(not input_pipeline.debian_fashion_mnist_present(
 DRIVER = textwrap.dedent('''
     import os, signal, sys
     import jax
-    from repvgg_jax import checkpoint as ckpt, train_lib, variants
+    from repvgg_jax import checkpoint as ckpt, variants
     variants.VARIANTS['test-tiny'] = variants.Variant(
         'test-tiny', (1, 1, 1, 1), (0.125, 0.125, 0.125, 0.125))
     if os.environ.get('SIGNAL_AFTER_FIRST_CHECKPOINT'):
@@ -56,8 +57,7 @@ DRIVER = textwrap.dedent('''
     sys.argv[0] = 'train.py'
     sys.path.insert(0, os.getcwd())
     import train
-    from absl import app
-    app.run(train.main)
+    train.run()
 ''')
 
 
@@ -86,7 +86,7 @@ def run_training(workdir, devices=4, extra=(), env=None, process=None, wait=True
 
 
 def read_metrics(workdir):
-  with open(os.path.join(workdir, train_lib.METRICS_FILE)) as f:
+  with open(os.path.join(workdir, metrics.METRICS_FILE)) as f:
     return [json.loads(line) for line in f]
 
 
@@ -115,7 +115,7 @@ def test_reference_run_writes_the_documented_workdir(reference_run):
   assert summary['deploy_eval_accuracy'] == pytest.approx(summary['eval_accuracy'], abs=2e-3)
   variables, step, metadata = ckpt.restore_training_variables(str(reference_run))
   assert step == STEPS and metadata['model'] == 'test-tiny' and metadata['num_classes'] == 10
-  _, deploy_metadata = ckpt.load_variables(str(reference_run / train_lib.DEPLOY_DIR))
+  _, deploy_metadata = ckpt.load_variables(str(reference_run / trainer.DEPLOY_DIR))
   assert deploy_metadata['structure'] == 'deploy'
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(reference_run))
 
@@ -207,14 +207,14 @@ def block_tree(rng, cin=3, cout=4):
 def test_weight_decay_mask_follows_the_official_names():
   params, _ = block_tree(np.random.default_rng(0))
   params = {'stage1_0': params, 'linear': {'kernel': np.ones((4, 2)), 'bias': np.ones(2)}}
-  decayed = lambda mask: sorted('/'.join(train_lib._path_names(p)) for p, v in
+  decayed = lambda mask: sorted('/'.join(k.key for k in p) for p, v in
                                 jax.tree_util.tree_flatten_with_path(mask)[0] if v)
   # Official: decay unless the name contains 'bias' or 'bn'; custwd also exempts
   # rbr_dense (conv3x3) and rbr_1x1 (conv1x1).
-  assert decayed(train_lib.weight_decay_mask(params)) == [
+  assert decayed(optimization.weight_decay_mask(params)) == [
       'linear/kernel', 'stage1_0/conv1x1/conv/kernel', 'stage1_0/conv3x3/conv/kernel',
       'stage1_0/identity/scale']
-  assert decayed(train_lib.weight_decay_mask(params, custom_l2=True)) == [
+  assert decayed(optimization.weight_decay_mask(params, custom_l2=True)) == [
       'linear/kernel', 'stage1_0/identity/scale']
 
 
@@ -228,7 +228,7 @@ def test_gradient_clipping_bounds_the_global_norm_before_weight_decay():
   lr = config.learning_rate  # batch 256: the peak, at step 0 without warm-up
   for clip, scale in [(0.0, 1.0), (50.0, 1.0), (2.0, 2.0 / np.sqrt(4 * 9 + 2 * 16))]:
     config.grad_clip_norm = clip
-    tx, _ = train_lib.create_optimizer(config, steps_per_epoch=10, total_steps=10)
+    tx, _ = optimization.create_optimizer(config, steps_per_epoch=10, total_steps=10)
     updates, _ = tx.update(grads, tx.init(params), params)
     # Clipped gradient, then decay on the kernel only (the BN bias is exempt).
     np.testing.assert_allclose(updates['conv']['kernel'], -lr * (3.0 * scale + 0.5), rtol=1e-6)
@@ -249,10 +249,10 @@ def test_custom_l2_is_the_official_get_custom_l2():
   eq_kernel = k3[:, :, 1:2, 1:2] * t3 + k1 * t1
   official = (eq_kernel ** 2 / (t3 ** 2 + t1 ** 2)).sum() + circle
   tree = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), t)
-  ours = train_lib.custom_l2_penalty({'stage0': tree(params)}, {'stage0': tree(stats)})
+  ours = optimization.custom_l2_penalty({'stage0': tree(params)}, {'stage0': tree(stats)})
   assert float(ours) == pytest.approx(official, rel=1e-5)
   # Two blocks count twice; BN factors are constants (no gradient into gamma).
-  grads = jax.grad(train_lib.custom_l2_penalty)(
+  grads = jax.grad(optimization.custom_l2_penalty)(
       {'a': tree(params), 'b': tree(params)}, {'a': tree(stats), 'b': tree(stats)})
   assert not np.any(grads['a']['conv3x3']['bn']['scale'])
 
@@ -260,7 +260,7 @@ def test_custom_l2_is_the_official_get_custom_l2():
 def test_repvggplus_step_trains_the_auxiliary_heads():
   variant = rv.Variant('test-plus', (1, 1, 2, 1), (0.125, 0.125, 0.125, 0.125), se='post',
                        plus=True)
-  model = rv.RepVGG(variant, num_classes=3, bn_axis_name=train_lib.AXIS)
+  model = rv.RepVGG(variant, num_classes=3, bn_axis_name=steps.AXIS)
   images = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
   variables = model.init(jax.random.PRNGKey(1), images[:1])
   tx, schedule = optax.sgd(0.1), optax.constant_schedule(0.1)
@@ -269,12 +269,12 @@ def test_repvggplus_step_trains_the_auxiliary_heads():
   batch = {'image': images, 'label': jnp.array([0, 1, 2, 0])}
 
   def one_step(weight):
-    options = train_lib.StepOptions(num_classes=3, aux_loss_weight=weight)
-    step = lambda s, b: train_lib.train_step(s, b, jax.random.PRNGKey(2), model=model,
+    options = steps.StepOptions(num_classes=3, aux_loss_weight=weight)
+    step = lambda s, b: steps.train_step(s, b, jax.random.PRNGKey(2), model=model,
                                              tx=tx, schedule=schedule, options=options)
     # A plain function of one replica: vmap with the axis name stands in for pmap.
     add_axis = lambda t: jax.tree_util.tree_map(lambda x: x[None], t)
-    new_state, metrics = jax.vmap(step, axis_name=train_lib.AXIS)(add_axis(state),
+    new_state, metrics = jax.vmap(step, axis_name=steps.AXIS)(add_axis(state),
                                                                   add_axis(batch))
     return new_state['params'], metrics
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import repvgg_jax as rv
-from conftest import random_variables, relative_error
+from repvgg_jax.equivalence import random_variables, relative_error
 from repvgg_jax import winograd
 
 

@@ -1,6 +1,7 @@
-"""Deploy checkpoints and portable exports, verified against the training-time model.
+"""Conversions between checkpoint forms, each verified: training run -> deploy checkpoint
+(and a portable export), PyTorch <-> Flax variables; ``convert.py`` is their command line.
 
-``convert_training_run`` is what ``convert.py --workdir`` does: read a training checkpoint,
+``convert_training_run`` is what ``convert.py deploy`` does: read a training checkpoint,
 ``reparameterize`` it, check on random input that the deploy model reproduces the
 training-time model's eval output, and only then write a variables directory (see
 ``checkpoint.py``) with ``structure: 'deploy'`` and, optionally, a ``jax.export``
@@ -15,22 +16,18 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-import tempfile
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import checkpoint, convolution, winograd
-from repvgg_jax.models import create_model
+from repvgg_jax import checkpoint, convolution, torch_io
+from repvgg_jax.equivalence import TOLERANCE, relative_error
+from repvgg_jax.models import create_model, variable_shapes
 from repvgg_jax.reparam import reparameterize
 from repvgg_jax.variants import get_variant
 
-# The conversion bar: relative L2 error of the deploy logits against the training-time
-# model's, on random input at float32 (the fold itself is exact up to rounding, ~1e-7).
-TOLERANCE = 1e-5
 EXPORT_FILE = 'model.jax_export'
 EXPORT_FORMATS = ('stablehlo',)
 # Platforms lowered into the export by default: one artifact for all of them.
@@ -42,21 +39,13 @@ class ConversionError(ValueError):
   """The deploy model does not reproduce the training-time model."""
 
 
-def relative_error(output: Any, reference: Any) -> float:
-  """``||output - reference|| / ||reference||`` in float64."""
-  output, reference = np.asarray(output, np.float64), np.asarray(reference, np.float64)
-  return float(np.linalg.norm(output - reference) / np.linalg.norm(reference))
-
-
 def check_structure(variables: Any, model: str, num_classes: int, deploy: bool,
                     where: str, channels: int = 3) -> None:
   """Raise CheckpointError naming the first leaf that ``create_model(model, num_classes,
   deploy)`` for ``channels`` input channels does not have with this shape (a checkpoint
   of another model, say)."""
-  net = create_model(model, num_classes=num_classes, deploy=deploy)
-  # Parameter shapes do not depend on the input size: a small image keeps this cheap.
-  expected = jax.eval_shape(net.init, jax.random.PRNGKey(0),
-                            jnp.zeros((1, 32, 32, channels)))
+  expected = variable_shapes(create_model(model, num_classes=num_classes, deploy=deploy),
+                             channels)
   if not deploy:
     expected = {k: expected[k] for k in ('params', 'batch_stats')}
   want = {jax.tree_util.keystr(p): tuple(x.shape)
@@ -136,9 +125,7 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
     raise ValueError(f'unknown export format {export!r}; accepted: {", ".join(EXPORT_FORMATS)}')
   convolution.check_conv_impl(conv_impl, deploy=True)
   output = os.path.abspath(output)
-  if os.path.exists(output) and not overwrite:
-    raise checkpoint.CheckpointError(f'{output}: already exists (pass --overwrite to '
-                                     'replace it)')
+  checkpoint.refuse_existing(output, overwrite)
   train_variables, step, run = checkpoint.restore_training_variables(workdir, step)
   missing = [k for k in ('model', 'num_classes', 'image_size') if k not in run]
   if missing:
@@ -160,7 +147,7 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
   log(f'{run_model}: step {step} of {workdir}, {num_classes} classes, {image_size}px')
 
   deploy_variables = jax.tree_util.tree_map(np.asarray, reparameterize(train_variables))
-  checked = winograd.transform_kernels(deploy_variables, run_model, conv_impl)
+  checked = convolution.transform_kernels(deploy_variables, run_model, conv_impl)
   error = verify_deploy(run_model, num_classes, train_variables, checked, image_size,
                         conv_impl, channels)
   log(f'deploy ({conv_impl}) vs training-time logits: relative error {error:.2e} '
@@ -173,15 +160,16 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
   metadata = checkpoint.model_metadata(
       run_model, num_classes, image_size, mean, std, structure='deploy',
       source=os.path.abspath(workdir), step=int(step), conversion_relative_error=error)
-  serialized = None
+  files = {}
   if export:
     serialized = export_deploy(run_model, num_classes, checked, image_size, conv_impl,
                                channels, platforms)
+    files[EXPORT_FILE] = serialized
     metadata['export'] = {'file': EXPORT_FILE, 'format': export, 'conv_impl': conv_impl,
                           'platforms': list(platforms or [jax.default_backend()]),
                           'input': ['batch', image_size, image_size, channels]}
     log(f'exported {len(serialized) / 2**20:.1f} MiB ({export}, {conv_impl}, symbolic batch)')
-  _write(output, deploy_variables, metadata, serialized, overwrite)
+  checkpoint.save_variables(output, deploy_variables, metadata, overwrite, files)
   log(f'wrote {output}')
   return metadata
 
@@ -204,44 +192,17 @@ def load_deploy(directory: str, conv_impl: str = 'auto', dtype: Any = jnp.float3
   name = metadata['model']
   net = create_model(name, metadata['num_classes'], deploy=True, dtype=dtype,
                      conv_impl=conv_impl)
-  variables = jax.device_put(winograd.transform_kernels(variables, name, conv_impl))
+  variables = jax.device_put(convolution.transform_kernels(variables, name, conv_impl))
   apply = jax.jit(net.apply)
   return functools.partial(apply, variables), metadata
-
-
-def _write(output: str, variables: Any, metadata: dict[str, Any],
-           serialized: Optional[bytes], overwrite: bool) -> None:
-  """The variables directory and the export, staged next to ``output`` and renamed into
-  place only when complete."""
-  parent = os.path.dirname(output)
-  os.makedirs(parent, exist_ok=True)
-  stage = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(output)}.tmp-')
-  try:
-    staged = os.path.join(stage, 'out')
-    checkpoint.save_variables(staged, variables, metadata)
-    if serialized is not None:
-      with open(os.path.join(staged, EXPORT_FILE), 'wb') as f:
-        f.write(serialized)
-    if os.path.exists(output):
-      if not overwrite:
-        raise checkpoint.CheckpointError(f'{output}: already exists (pass --overwrite to '
-                                         'replace it)')
-      shutil.rmtree(output)
-    os.replace(staged, output)
-  finally:
-    shutil.rmtree(stage, ignore_errors=True)
 
 
 def import_torch(source: str, model: str, output: str, image_size: int = 224,
                  overwrite: bool = False, log: Any = print) -> dict[str, Any]:
   """Write the Flax variables of a PyTorch RepVGG state dict (``.pth``/``.safetensors``)
   as a variables directory, ``structure`` 'train' or 'deploy' as found in the file."""
-  from repvgg_jax import torch_io  # pylint: disable=import-outside-toplevel
-
   output = os.path.abspath(output)
-  if os.path.exists(output) and not overwrite:
-    raise checkpoint.CheckpointError(f'{output}: already exists (pass --overwrite to '
-                                     'replace it)')
+  checkpoint.refuse_existing(output, overwrite)
   variables = torch_io.load_torch_weights(source, model)
   structure = 'train' if 'batch_stats' in variables else 'deploy'
   linear = variables['params'].get('linear')
@@ -259,11 +220,9 @@ def export_torch(path: str, naming: str = 'official', workdir: Optional[str] = N
                  log: Any = print) -> None:
   """Write a training run's or a variables directory's weights as a PyTorch state dict
   (``.pth``/``.pt`` or ``.safetensors``) in the official or timm naming."""
-  from repvgg_jax import torch_io  # pylint: disable=import-outside-toplevel
-
   if (workdir is None) == (variables_dir is None):
     raise ValueError('give exactly one source: a training run (--workdir) or a variables '
-                     'directory (--from-variables)')
+                     'directory (--variables)')
   if workdir is not None:
     variables, step, metadata = checkpoint.restore_training_variables(workdir, step)
     source = f'{workdir} step {step}'

@@ -1,4 +1,5 @@
-"""Inference speed of RepVGG in both structures, in JAX and (optionally) PyTorch/timm.
+"""Inference speed of RepVGG in both structures, in JAX and (optionally) PyTorch/timm:
+the library behind ``benchmark.py``.
 
 Each measurement is one record (a dict, see ``Record``): throughput, latency, compile
 time, size and the achieved share of the device's measured dense matmul rate. The
@@ -26,17 +27,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import convolution, winograd
-from repvgg_jax.models import count_params, create_model, deploy_macs
+from repvgg_jax import convolution
+from repvgg_jax.equivalence import random_variables
+from repvgg_jax.models import DTYPES, count_params, create_model, deploy_macs
 from repvgg_jax.reparam import reparameterize
-from repvgg_jax.variants import get_variant
+from repvgg_jax.torch_io import timm_model_name
+from repvgg_jax.variants import MIN_IMAGE_SIZE, get_variant
+
+try:
+  # jax has no public "has a backend started?" (XLA reads XLA_FLAGS only then); without
+  # this private query, set_cpu_flags assumes none has and sets the flags anyway.
+  from jax._src.xla_bridge import backends_are_initialized  # pylint: disable=g-importing-member
+except ImportError:
+  def backends_are_initialized() -> bool:
+    return False
 
 # XLA:CPU's YNNPACK fusions made the RepVGG graphs 1.5-2x slower than XLA's own
 # convolution emitter on the 2-core benchmark machine (docs/benchmarks.md); an empty fusion
 # type list turns them off. XLA reads XLA_FLAGS once, when the first backend starts.
 CPU_FAST_FLAGS = '--xla_cpu_experimental_ynn_fusion_type='
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # Deploy-time structures of the JAX model: 'deploy' uses XLA's convolution everywhere,
 # 'deploy-winograd2'/'deploy-winograd4' Winograd for the stride-1 3x3 convs.
@@ -90,8 +99,7 @@ def set_cpu_flags(enable: bool = True) -> bool:
   """
   if CPU_FAST_FLAGS.split('=')[0] in os.environ.get('XLA_FLAGS', ''):
     return True
-  if (not enable or jax._src.xla_bridge.backends_are_initialized()  # pylint: disable=protected-access
-      or _accelerator_plugin_installed()):
+  if not enable or backends_are_initialized() or _accelerator_plugin_installed():
     return False
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_FAST_FLAGS}".strip()
   return True
@@ -138,27 +146,6 @@ def matmul_tflops(dtype: Any, size: Optional[int] = None, min_seconds: float = 1
     jax.block_until_ready(matmul(a, b))
     times.append(time.perf_counter() - t0)
   return 2 * size ** 3 / min(times) / 1e12
-
-
-def random_variables(model: Any, image_size: int, seed: int = 0) -> dict[str, Any]:
-  """Variables for ``model`` drawn with numpy (``model.init`` of the big variants compiles
-  for a long time): kernels ~ N(0, 1/fan_in), BN scales and variances 1, the rest small."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, image_size, image_size, 3), jnp.float32))
-
-  def draw(path: Any, leaf: Any) -> jax.Array:
-    name = getattr(path[-1], 'key', '')
-    if name == 'kernel':
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      value = rng.normal(0, 1 / np.sqrt(fan_in), leaf.shape)
-    elif name in ('scale', 'var'):
-      value = np.ones(leaf.shape)
-    else:
-      value = rng.normal(0, 0.01, leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @dataclasses.dataclass
@@ -226,7 +213,8 @@ def jax_candidates(name: str, structures: Sequence[str], batch_size: int,
     raise ValueError(f'unknown dtype {dtype!r}; accepted: {", ".join(DTYPES)}')
   device = device_description()
   train_model = create_model(name, dtype=DTYPES[dtype])
-  train_vars = random_variables(train_model, image_size)
+  train_vars = random_variables(
+      train_model, jax.ShapeDtypeStruct((1, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE, 3), jnp.float32))
   deploy_vars = reparameterize(train_vars)
   inputs = [jax.random.normal(jax.random.PRNGKey(i), (batch_size, image_size, image_size, 3),
                               DTYPES[dtype]) for i in range(rotate)]
@@ -237,7 +225,7 @@ def jax_candidates(name: str, structures: Sequence[str], batch_size: int,
     else:
       conv_impl = structure.partition('-')[2] or 'xla'
       model = create_model(name, deploy=True, dtype=DTYPES[dtype], conv_impl=conv_impl)
-      variables = winograd.transform_kernels(deploy_vars, name, conv_impl)
+      variables = convolution.transform_kernels(deploy_vars, name, conv_impl)
     variables = jax.device_put(variables)
     _progress(f'{name} {structure} batch {batch_size} {dtype}: compiling ...')
     start = time.perf_counter()
@@ -265,11 +253,6 @@ def _peak_memory(compiled: Any) -> Optional[int]:
     return None
 
 
-def timm_name(name: str) -> str:
-  """timm's name of an official RepVGG, e.g. 'RepVGG-B1g4' -> 'repvgg_b1g4'."""
-  return name.lower().replace('-', '_')
-
-
 def torch_candidates(name: str, structures: Sequence[str], batch_size: int,
                      dtype: str = 'float32', image_size: int = 224, rotate: int = 3,
                      threads: Optional[int] = None) -> list[Candidate]:
@@ -284,7 +267,8 @@ def torch_candidates(name: str, structures: Sequence[str], batch_size: int,
   if unknown:
     raise ValueError(f'unknown torch variant(s) {unknown}; accepted: '
                      f'{", ".join(TORCH_VARIANTS)}')
-  if timm_name(name) not in timm.list_models('repvgg*'):
+  timm_name = timm_model_name(name)
+  if timm_name is None:
     _progress(f'{name}: not in timm, no PyTorch measurement')
     return []
   if threads:
@@ -297,7 +281,7 @@ def torch_candidates(name: str, structures: Sequence[str], batch_size: int,
   candidates = []
   for structure in structures:
     reparameterized, channels_last, compile_model = TORCH_VARIANTS[structure]
-    model = timm.create_model(timm_name(name), pretrained=False).eval()
+    model = timm.create_model(timm_name, pretrained=False).eval()
     if reparameterized:
       model = reparameterize_model(model)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
