@@ -13,7 +13,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?= -n 2
 
-.PHONY: train test setup setup-test data model-table clean
+.PHONY: train test setup setup-test data model-table gpu-carry clean
 
 train: setup data
 	$(PY) train.py --config $(CONFIG) --workdir $(WORKDIR)
@@ -43,6 +43,15 @@ data:
 	  { apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	    { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; }; } || \
 	  echo "note: $(FASHION_MNIST_DIR) missing; Fashion-MNIST will come from TFDS's downloader"
+
+# What the GPU machines lack, for tools/gpu_check.sh and tools/gpu_train_check.sh (run
+# with this folder carried along): pure-Python packages unpacked into .gpu_carry/site, and
+# the Fashion-MNIST IDX files in .gpu_carry/fashion-mnist.
+gpu-carry: setup data
+	rm -rf .gpu_carry && mkdir -p .gpu_carry/wheels .gpu_carry/fashion-mnist
+	$(PY) -m pip download -q --no-deps -d .gpu_carry/wheels ml_collections
+	$(PY) -m pip install -q --no-deps --target .gpu_carry/site .gpu_carry/wheels/*.whl
+	cp $(FASHION_MNIST_DIR)/*.gz .gpu_carry/fashion-mnist/
 
 # Regenerate the model table of README.md from the code.
 model-table: setup

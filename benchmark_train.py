@@ -10,15 +10,19 @@ own: the model, optimizer, state and pmapped step of ``configs/imagenet_a_b.py``
 built by ``repvgg_jax.training``, over all local devices. After a warm-up step each
 (compilation excluded), the two frameworks take turns for ``--rounds`` rounds of
 ``--steps`` timed steps, so that a change in the machine's load touches both; images/s
-are the median over all timed steps. JAX runs with the XLA:CPU flags of ``train.py``
+are the median over all timed steps; TFLOP/s count 3x the forward MACs of the
+training-time graph (``models.training_macs``: forward, input and weight gradients), as a
+share of the measured dense matmul rate of ``--dtype``. JAX runs with the XLA:CPU flags of
+``train.py``
 (``benchmarking.CPU_FAST_FLAGS``); PyTorch NCHW (``--channels-last`` for NHWC) with
 ``torch.set_num_threads(--threads)`` on CPU (oneDNN's channels_last backward crashed in
-torch 2.13). Prints one Markdown row per framework.
+torch 2.13). Prints one Markdown row per framework; ``--json FILE`` writes them as records.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -52,6 +56,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
   parser.add_argument('--channels-last', action='store_true',
                       help='PyTorch in channels_last (NHWC) memory format')
   parser.add_argument('--no-torch', action='store_true', help='time JAX alone')
+  parser.add_argument('--json', metavar='FILE', help='write the rows as JSON records')
   return parser.parse_args(argv)
 
 
@@ -130,8 +135,12 @@ def torch_train_step(args) -> Callable[[], None]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
+  if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+    return cli.fail('benchmark_train.py', f'{args.json}: no such directory')
   benchmarking.set_cpu_flags()  # before JAX starts, as train.py does
   import jax
+
+  from repvgg_jax.models import DTYPES, training_macs
   steps = {}
   versions = f'jax {jax.__version__}'
   setting = (f'{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}'
@@ -157,10 +166,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for _ in range(args.rounds):
     for name, step in steps.items():
       times[name] += _timed(step, args.steps)
-  print('| framework | setting | training images/s |')
-  print('|---|---|---|')
+  matmul_rate = benchmarking.matmul_tflops(DTYPES[args.dtype])
+  flops_per_image = 3 * 2 * training_macs(args.model, args.image_size, args.num_classes)
+  records = []
   for name, measured in times.items():
-    print(f'| {name} | {setting} | {args.batch_size / statistics.median(measured):.1f} |')
+    images_per_second = args.batch_size / statistics.median(measured)
+    tflops = flops_per_image * images_per_second / 1e12
+    records.append({'framework': name, 'model': args.model, 'batch_size': args.batch_size,
+                    'image_size': args.image_size, 'channels': args.channels,
+                    'dtype': args.dtype, 'images_per_second': images_per_second,
+                    'achieved_tflops': tflops, 'matmul_tflops': matmul_rate,
+                    'matmul_fraction': tflops / matmul_rate,
+                    'device': benchmarking.device_description(), 'timed_steps': len(measured)})
+  print('| framework | setting | training images/s | TFLOP/s | % of matmul |')
+  print('|---|---|---|---|---|')
+  for r in records:
+    print(f'| {r["framework"]} | {setting} | {r["images_per_second"]:.1f} | '
+          f'{r["achieved_tflops"]:.3f} | {100 * r["matmul_fraction"]:.0f} |')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(records, f, indent=1)
   return 0
 
 

@@ -149,15 +149,33 @@ def deploy_macs(name: str, image_size: Union[int, tuple[int, int]] = 224,
   Counts the 3x3 convs, the SE blocks and the classifier (biases, ReLU and pooling are
   not MACs), i.e. what the paper's tables call FLOPs.
   """
+  return _macs(name, image_size, num_classes, deploy=True)
+
+
+def training_macs(name: str, image_size: Union[int, tuple[int, int]] = 224,
+                  num_classes: int = 1000) -> int:
+  """Multiply-accumulates of one forward pass of the training-time structure: the 3x3
+  and 1x1 branch convs, the SE blocks, the classifier and RepVGGplus's auxiliary heads (a
+  training step costs about 3x this: forward, and the gradients of inputs and weights)."""
+  return _macs(name, image_size, num_classes, deploy=False)
+
+
+def _macs(name: str, image_size: Union[int, tuple[int, int]], num_classes: int,
+          deploy: bool) -> int:
   v = get_variant(name)
   h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
   channels, macs = 3, 0
+  taps = 9 if deploy else 9 + 1  # the 1x1 branch's tap
   for spec in layer_specs(v):
     h, w = -(-h // spec.strides), -(-w // spec.strides)
-    macs += h * w * 9 * (channels // spec.groups) * spec.features
+    macs += h * w * taps * (channels // spec.groups) * spec.features
     if v.se:
       macs += 2 * spec.features * (spec.features // v.se_reduction)
     channels = spec.features
+    if v.plus and not deploy and spec.stage in AUX_STAGES and spec.index == max(
+        s.index for s in layer_specs(v) if s.stage == spec.stage):
+      # The auxiliary head after this stage: a 3x3/2 conv keeping the width, and its fc.
+      macs += -(-h // 2) * -(-w // 2) * 9 * channels * channels + channels * num_classes
   return macs + channels * num_classes
 
 

@@ -73,6 +73,15 @@ def test_winograd_is_deploy_only_and_unknown_names_are_refused():
     convolution.check_conv_impl('im2col', deploy=True)
   for impl in convolution.CONV_IMPLS:
     convolution.check_conv_impl(impl, deploy=True)
+  # The model and the kernel transform refuse the same way.
+  x = jnp.zeros((1, 32, 32, 3))
+  with pytest.raises(ValueError, match="conv_impl 'winograd3'"):
+    rv.create_model('RepVGG-A0', deploy=True, conv_impl='winograd3').init(
+        jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match='Winograd only with deploy=True'):
+    rv.create_model('RepVGG-A0', conv_impl='winograd2').init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match="conv_impl 'winograd3'"):
+    convolution.transform_kernels({'params': {}}, 'RepVGG-A0', 'winograd3')
 
 
 def test_only_winograd_transforms_the_kernels():
@@ -82,5 +91,3 @@ def test_only_winograd_transforms_the_kernels():
     same = convolution.transform_kernels(deploy_vars, name, impl)
     assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(same),
                                       jax.tree_util.tree_leaves(deploy_vars)))
-  with pytest.raises(ValueError, match="conv_impl 'winograd3'"):
-    convolution.transform_kernels(deploy_vars, name, 'winograd3')

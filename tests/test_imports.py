@@ -1,5 +1,5 @@
-"""The model, conversion and benchmark code import on a machine with only jax/flax/optax/orbax
-(the GPU machines have no tensorflow, ml_collections or torch)."""
+"""The model, conversion, benchmark and training code import on a machine with only
+jax/flax/optax/orbax (the GPU machines have no tensorflow, ml_collections or torch)."""
 
 import pathlib
 import subprocess
@@ -23,8 +23,10 @@ sys.meta_path.insert(0, Blocker())
 @pytest.mark.parametrize('statement', [
     'import repvgg_jax, repvgg_jax.reparam, repvgg_jax.checkpoint, repvgg_jax.torch_io',
     'import repvgg_jax.conversion, repvgg_jax.benchmarking, repvgg_jax.winograd',
+    'import repvgg_jax.training.trainer, repvgg_jax.cli',
     'import runpy; runpy.run_path("convert.py", run_name="not_main")',
     'import runpy; runpy.run_path("benchmark.py", run_name="not_main")',
+    'import runpy; runpy.run_path("benchmark_train.py", run_name="not_main")',
 ])
 def test_imports_without_tensorflow_ml_collections_or_torch(statement):
   result = subprocess.run([sys.executable, '-c', BLOCKER + statement], cwd=ROOT,

@@ -21,6 +21,7 @@ from timm.utils.model import reparameterize_model  # noqa: E402
 import repvgg_jax as rv  # noqa: E402
 from repvgg_jax import torch_io  # noqa: E402
 from repvgg_jax.equivalence import relative_error  # noqa: E402
+from repvgg_jax.models import variable_shapes  # noqa: E402
 
 # Plain, grouped and squeeze-excite; small inputs (non-square where cheap) keep CI fast.
 PARITY_CASES = [
@@ -98,7 +99,7 @@ def random_tree(model, seed: int = 0):
   """Random float32 variables with the structure of ``model`` (values, not a trained
   network: for key/shape round trips, where no forward pass is run)."""
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  shapes = variable_shapes(model)
   return jax.tree_util.tree_map(
       lambda s: rng.standard_normal(s.shape, dtype=np.float32), shapes)
 
@@ -247,7 +248,7 @@ def test_repvggplus_official_keys_shapes_and_round_trip(deploy):
   model = rv.create_model(name, deploy=deploy)
   tree = jax.tree_util.tree_map(
       lambda s: np.zeros(s.shape, s.dtype),
-      jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+      variable_shapes(model))
   state = torch_io.to_torch_state_dict(tree, name, 'official')
   assert set(state) == official_keys(name, deploy)
   assert {k: v.shape for k, v in state.items() if k in shapes} == shapes

@@ -27,6 +27,11 @@ from repvgg_jax.training import metrics, optimization, steps, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
+# REPVGG_TRAIN_TEST_PLATFORM=cuda (tools/gpu_train_check.sh): one-device runs, the reference
+# among them, train on the GPU; runs on several devices on the CPU's virtual devices. So
+# "one device matches four" compares the GPU with the CPU, and resuming is checked on the GPU.
+ON_GPU = os.environ.get('REPVGG_TRAIN_TEST_PLATFORM', 'cpu') != 'cpu'
+REFERENCE_DEVICES = 1 if ON_GPU else 4
 
 pytestmark = pytest.mark.skipif(not input_pipeline.debian_fashion_mnist_present(),
                                 reason='needs the Debian Fashion-MNIST files')
@@ -71,8 +76,11 @@ def tiny_flags(**overrides):
 
 
 def run_training(workdir, devices=4, extra=(), env=None, process=None, wait=True):
-  environ = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-                 JAX_DISABLE_MOST_OPTIMIZATIONS='1', JAX_PLATFORMS='cpu', **(env or {}))
+  gpu = ON_GPU and devices == 1
+  environ = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
+                 + (' --xla_gpu_deterministic_ops=true' if gpu else ''),
+                 JAX_DISABLE_MOST_OPTIMIZATIONS='1', JAX_PLATFORMS='cuda' if gpu else 'cpu',
+                 **({'JAX_DEFAULT_MATMUL_PRECISION': 'highest'} if ON_GPU else {}), **(env or {}))
   command = [sys.executable, '-c', DRIVER, '--config', 'configs/fashion_mnist.py',
              '--workdir', str(workdir), *tiny_flags(), *extra]
   if process is not None:
@@ -100,9 +108,9 @@ def final_eval(metrics):
 
 @pytest.fixture(scope='module')
 def reference_run(tmp_path_factory):
-  """The uninterrupted run on 4 devices in one process."""
-  workdir = tmp_path_factory.mktemp('four_devices')
-  code, _, err = run_training(workdir, devices=4)
+  """The uninterrupted run on 4 devices in one process (on one GPU with ON_GPU)."""
+  workdir = tmp_path_factory.mktemp('reference')
+  code, _, err = run_training(workdir, devices=REFERENCE_DEVICES)
   assert code == 0, err
   return workdir
 
@@ -121,7 +129,7 @@ def test_reference_run_writes_the_documented_workdir(reference_run):
 
 
 def test_one_device_matches_four_devices(reference_run, tmp_path):
-  code, _, err = run_training(tmp_path, devices=1)
+  code, _, err = run_training(tmp_path, devices=4 if ON_GPU else 1)
   assert code == 0, err
   ours, reference = read_metrics(tmp_path), read_metrics(reference_run)
   for step, loss in train_losses(reference).items():
@@ -146,10 +154,11 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path):
-  code, _, _ = run_training(tmp_path, env={'SIGNAL_AFTER_FIRST_CHECKPOINT': 'KILL'})
+  code, _, _ = run_training(tmp_path, devices=REFERENCE_DEVICES,
+                            env={'SIGNAL_AFTER_FIRST_CHECKPOINT': 'KILL'})
   assert code == -signal.SIGKILL
   assert ckpt.checkpoint_manager(str(tmp_path), read_only=True).all_steps() == [2]
-  code, _, err = run_training(tmp_path)
+  code, _, err = run_training(tmp_path, devices=REFERENCE_DEVICES)
   assert code == 0, err
   ours, reference = read_metrics(tmp_path), read_metrics(reference_run)
   assert train_losses(ours) == train_losses(reference)
