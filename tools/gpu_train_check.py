@@ -36,34 +36,50 @@ sys.path.insert(0, ROOT)
 from repvgg_jax import cli  # noqa: E402
 
 
-def step_throughput(out: str, quick: bool) -> list[dict[str, Any]]:
+def throughput_commands(out: str, quick: bool) -> list[tuple[list[str], str]]:
+  """The benchmark_train.py command lines, each with the JSON file it writes."""
   if quick:
     runs, common = [('RepVGG-A0', 'bfloat16')], ['--batch-size', '4', '--image-size', '32',
                                                   '--steps', '1', '--rounds', '1']
   else:
     runs = [('RepVGG-A0', 'bfloat16'), ('RepVGG-B1', 'bfloat16'), ('RepVGG-B1', 'float32')]
     common = ['--batch-size', '256', '--image-size', '224', '--steps', '5', '--rounds', '3']
-  records = []
+  commands = []
   for model, dtype in runs:
     path = os.path.join(out, f'train_step_{model}_{dtype}.json')
-    run([sys.executable, 'benchmark_train.py', '--model', model, '--dtype', dtype,
-         '--channels', '3', '--num-classes', '1000', '--conv-impl', 'xla', '--channels-last',
-         '--threads', '2', '--json', path, *common], timeout=120 if quick else 300)
+    commands.append(([sys.executable, 'benchmark_train.py', '--model', model, '--dtype', dtype,
+                      '--channels', '3', '--num-classes', '1000', '--conv-impl', 'xla',
+                      '--channels-last', '--threads', '2', '--json', path, *common], path))
+  return commands
+
+
+def step_throughput(out: str, quick: bool) -> list[dict[str, Any]]:
+  records = []
+  for command, path in throughput_commands(out, quick):
+    run(command, timeout=120 if quick else 300)
     with open(path) as f:
       records += json.load(f)
   return records
 
 
-def make_train_recipe(out: str, quick: bool, fashion_mnist_dir: str) -> list[dict[str, Any]]:
-  results = []
-  steps = ['--config.num_train_steps=3', '--config.image_size=32', '--config.model=RepVGG-A0'
-           ] if quick else []
+def recipe_commands(out: str, quick: bool, fashion_mnist_dir: str
+                    ) -> list[tuple[list[str], str, str]]:
+  """The train.py command lines of make train's recipe: (command, dtype, workdir)."""
+  steps = ['--config.num_train_steps=3'] if quick else []
+  commands = []
   for dtype in ('float32', 'bfloat16'):
     workdir = os.path.join(out, f'fashion_mnist_{dtype}')
+    commands.append(([sys.executable, 'train.py', '--config', 'configs/fashion_mnist.py',
+                      '--workdir', workdir, f'--config.dtype={dtype}', '--config.conv_impl=xla',
+                      f'--config.data_dir={fashion_mnist_dir}', *steps], dtype, workdir))
+  return commands
+
+
+def make_train_recipe(out: str, quick: bool, fashion_mnist_dir: str) -> list[dict[str, Any]]:
+  results = []
+  for command, dtype, workdir in recipe_commands(out, quick, fashion_mnist_dir):
     start = time.perf_counter()
-    run([sys.executable, 'train.py', '--config', 'configs/fashion_mnist.py', '--workdir',
-         workdir, f'--config.dtype={dtype}', '--config.conv_impl=xla',
-         f'--config.data_dir={fashion_mnist_dir}', *steps], timeout=200 if quick else 420)
+    run(command, timeout=200 if quick else 420)
     wall = time.perf_counter() - start
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       lines = [json.loads(line) for line in f]
