@@ -164,25 +164,22 @@ def _cubic(v1: np.ndarray, v2: np.ndarray, v3: np.ndarray, v4: np.ndarray,
 _KERNELS = {'bilinear': (2, _linear), 'bicubic': (4, _cubic)}
 
 
-def _interpolate(images: np.ndarray, src_x: np.ndarray, src_y: np.ndarray,
+def _interpolate(image: np.ndarray, src_x: np.ndarray, src_y: np.ndarray,
                  interpolation: str) -> np.ndarray:
-  """PIL's bilinear or bicubic sample of each image ``[n, H, W, C]`` at points ``[n, P]``
-  (pixel-centre coordinates), repeating the edge pixels, truncated to uint8 ``[n, P, C]``."""
-  n, height, width, channels = images.shape
+  """PIL's bilinear or bicubic sample of one image ``[H, W, C]`` at points ``[P]``
+  (pixel-centre coordinates), repeating the edge pixels, truncated to uint8 ``[P, C]``."""
+  height, width, channels = image.shape
   taps, kernel = _KERNELS[interpolation]
   first_x, first_y = np.floor(src_x), np.floor(src_y)
-  dx, dy = (src_x - first_x)[..., None], (src_y - first_y)[..., None]
+  dx, dy = (src_x - first_x)[:, None], (src_y - first_y)[:, None]
   # The taps start one pixel before the floor for bicubic, at the floor for bilinear.
-  cols = [np.clip(first_x.astype(np.int64) + t - (taps // 2 - 1), 0, width - 1)
+  start = taps // 2 - 1
+  cols = [np.clip(first_x.astype(np.int64) + t - start, 0, width - 1) for t in range(taps)]
+  rows = [np.clip(first_y.astype(np.int64) + t - start, 0, height - 1) * width
           for t in range(taps)]
-  rows = [np.clip(first_y.astype(np.int64) + t - (taps // 2 - 1), 0, height - 1)
-          for t in range(taps)]
-  pixels = images.reshape(n, height * width, channels)
-
-  def tap(row, col):
-    return np.take_along_axis(pixels, (row * width + col)[..., None], axis=1).astype(np.float64)
-
-  values = kernel(*(kernel(*(tap(row, col) for col in cols), dx) for row in rows), dy)
+  pixels = image.reshape(height * width, channels)
+  values = kernel(*(kernel(*(pixels[row + col].astype(np.float64) for col in cols), dx)
+                    for row in rows), dy)
   return np.clip(values, 0, 255).astype(np.uint8)
 
 
@@ -208,7 +205,9 @@ def affine(images: np.ndarray, inverse: np.ndarray, interpolation: str = 'neares
     src_x, src_y = points[:, 0], points[:, 1]
     inside = ((src_x + 0.5 >= 0) & (src_x + 0.5 < width) & (src_y + 0.5 >= 0)
               & (src_y + 0.5 < height))
-    sampled = _interpolate(images, src_x, src_y, interpolation)
+    # One image at a time keeps the float64 temporaries in cache (twice as fast at 224^2).
+    sampled = np.stack([_interpolate(image, x, y, interpolation)
+                        for image, x, y in zip(images, src_x, src_y)])
   return np.where(inside[..., None], sampled, fill).reshape(images.shape).astype(np.uint8)
 
 

@@ -33,10 +33,13 @@ instead of 1 +- m; Posterize keeps 0..5 bits instead of 4..8; Solarize's thresho
 with the level (weaker) instead of falling; relative fractional translations instead of
 whole pixels; bilinear/bicubic resampling with fill 128 instead of nearest with fill 0.
 
-Differences from the authors' PIL pipeline: the shared operations of ``autoaugment`` use
-torchvision's tensor arithmetic for the enhancements and AutoContrast (grayscale by
-truncated float luma, Contrast's mean not rounded), so a few pixels differ by one level
-from PIL's; geometric samples exactly half-way between levels may truncate the other way.
+Differences from the authors' PIL pipeline (tests/test_randaugment.py measures them):
+the shared operations of ``autoaugment`` compute Color, Contrast and Sharpness in
+torchvision's tensor arithmetic (luma truncated rather than rounded, Contrast's mean not
+rounded, float32 blending), which differs from PIL's by up to 2 levels (Color, Contrast)
+or 1 level (Sharpness) on many pixels; and geometric samples that fall exactly between two
+levels, or exactly on the image's edge, may truncate (or fill) the other way (under 3% of
+the pixels).
 For single-channel images the fill is 128 and the Cutout colour is 122, the luma of
 (125, 122, 113); the authors only augment RGB images.
 
@@ -58,12 +61,13 @@ OPERATIONS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeTpu', 'S
 
 # The level at which the authors' ranges reach their nominal maximum.
 MAX_LEVEL = 10.0
+# The geometric operations' fill, (128, 128, 128) for RGB.
 FILL = 128
 CUTOUT_COLOUR = (125, 122, 113)
 CUTOUT_GRAY = 122
 
-# Columns of each operation's block of draws: which operation, its level, its sign, its
-# filter (bicubic from 1/2), and Cutout's centre.
+# Columns of each operation's block of draws: which operation, its level, its sign
+# (negative below 1/2), its filter (bicubic from 1/2), and Cutout's centre.
 _OPERATION, _LEVEL, _SIGN, _FILTER, _CENTRE_X, _CENTRE_Y = range(6)
 DRAWS_PER_OPERATION = 6
 # Draws per image for the authors' two operations.

@@ -19,7 +19,8 @@ def _images(count: int = 4, channels: int = 3, seed: int = 0) -> np.ndarray:
 
 def _operation_draws(count: int, negative: bool, bicubic: bool,
                      seed: int = 0) -> np.ndarray:
-  """One operation's block of draws with the given sign and filter, random centres."""
+  """One operation's block of draws (operation, level, sign, filter, centre x, centre y)
+  with the given sign and filter and random centres."""
   draws = np.random.default_rng(seed).uniform(size=(count, ra.DRAWS_PER_OPERATION))
   draws[:, 2] = 0.25 if negative else 0.75
   draws[:, 3] = 0.75 if bicubic else 0.25
@@ -214,7 +215,7 @@ def test_brightness_is_torchvisions_tensor_arithmetic():
 
 
 def test_translations_by_whole_pixels_are_torchvisions():
-  torch = pytest.importorskip('torch')  # noqa: F841  (torchvision needs it)
+  pytest.importorskip('torchvision')
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from torchvision.transforms import InterpolationMode  # pylint: disable=g-import-not-at-top
   from torchvision.transforms.autoaugment import _apply_op  # pylint: disable=g-import-not-at-top
@@ -224,8 +225,8 @@ def test_translations_by_whole_pixels_are_torchvisions():
       mode = InterpolationMode(interpolation)
       for name, shifts in (('TranslateX', (shift, 0)), ('TranslateY', (0, shift))):
         # torchvision moves the content by +shift: the input is read at -shift.
-        ours = ra.translate(images, np.full(4, -shifts[0], float), np.full(4, -shifts[1], float),
-                            interpolation, ra.FILL)
+        ours = ra.translate(images, np.full(4, -shifts[0], float),
+                            np.full(4, -shifts[1], float), interpolation, ra.FILL)
         theirs = np.stack([np.asarray(_apply_op(Image.fromarray(image), name, float(shift),
                                                 mode, [128.0] * 3)) for image in images])
         np.testing.assert_array_equal(ours, theirs)
