@@ -153,8 +153,6 @@ LEVEL_TO_ARGUMENT: dict[str, _LevelMap] = {
     'Cutout': _whole(lambda levels: np.maximum(2.0, _scaled(40.0)(levels))),
 }
 
-_SIGNED = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
-
 # Operations that take (images, arguments): the photometric ones.
 _PHOTOMETRIC: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     'AutoContrast': autoaugment.autocontrast, 'Equalize': autoaugment.equalize,
@@ -164,7 +162,7 @@ _PHOTOMETRIC: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     'Sharpness': autoaugment.sharpness,
 }
 
-# Operations that take (images, arguments, interpolation, fill).
+# Operations that take (images, arguments, interpolation, fill), and a random sign.
 _GEOMETRIC: dict[str, Callable[[np.ndarray, np.ndarray, str, float], np.ndarray]] = {
     'Rotate': autoaugment.rotate, 'ShearX': autoaugment.shear_x, 'ShearY': shear_y,
     'TranslateXRel': lambda images, fractions, interpolation, fill: translate(
@@ -190,9 +188,10 @@ def apply_operation(name: str, images: np.ndarray, levels: np.ndarray,
                     draws: np.ndarray) -> np.ndarray:
   """The authors' operation ``name`` at integer ``levels`` ``[n]`` on uint8 images
   ``[n, H, W, C]``, taking its sign, filter and Cutout centre from the operation's block of
-  ``draws`` ``[n, DRAWS_PER_OPERATION]``. Returns new uint8 images."""
+  ``draws`` ``[n, DRAWS_PER_OPERATION]``. Returns uint8 images (``images`` itself where the
+  operation cannot change them)."""
   arguments = LEVEL_TO_ARGUMENT[name](np.asarray(levels, np.float64))
-  if name in _SIGNED:
+  if name in _GEOMETRIC:
     arguments = np.where(draws[:, _SIGN] < 0.5, -arguments, arguments)
   if name in _PHOTOMETRIC:
     return _PHOTOMETRIC[name](images, arguments)
