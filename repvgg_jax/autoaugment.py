@@ -4,7 +4,8 @@ The policy table, magnitude bins and operations are torchvision's ``AutoAugment(
 (tests/test_input_pipeline.py checks them against it): each image draws one of 25
 sub-policies, and each of its two operations is applied with the sub-policy's probability
 (signed magnitudes flip sign with probability 1/2). Geometric operations use
-nearest-neighbour sampling and fill with 0, as torchvision does by default.
+nearest-neighbour sampling and fill with 0, as torchvision does by default (``affine`` also
+offers PIL's bilinear and bicubic filters and another fill, for ``randaugment``).
 The operations are vectorized over the images that apply them, and all randomness comes
 from the caller's ``draws`` so that augmentation stays a pure function of its key.
 """
@@ -69,7 +70,7 @@ def _grayscale(images: np.ndarray) -> np.ndarray:
   return np.floor(luma)
 
 
-def _blend(images: np.ndarray, degenerate: np.ndarray, factors: np.ndarray) -> np.ndarray:
+def blend(images: np.ndarray, degenerate: np.ndarray, factors: np.ndarray) -> np.ndarray:
   """``factor * image + (1 - factor) * degenerate`` clipped and truncated to uint8 (PIL's
   ImageEnhance, in torchvision's arithmetic)."""
   factors = factors.reshape(-1, 1, 1, 1).astype(np.float32)
@@ -123,13 +124,13 @@ def color(images: np.ndarray, factors: np.ndarray) -> np.ndarray:
   """Saturation: blends with the grayscale image (no-op on grayscale images)."""
   if images.shape[-1] == 1:
     return images
-  return _blend(images, _grayscale(images), factors)
+  return blend(images, _grayscale(images), factors)
 
 
 def contrast(images: np.ndarray, factors: np.ndarray) -> np.ndarray:
   """Blends with the mean gray level of each image."""
   means = _grayscale(images).mean(axis=(1, 2, 3), keepdims=True)
-  return _blend(images, means, factors)
+  return blend(images, means, factors)
 
 
 def sharpness(images: np.ndarray, factors: np.ndarray) -> np.ndarray:
@@ -141,25 +142,79 @@ def sharpness(images: np.ndarray, factors: np.ndarray) -> np.ndarray:
   inner = sum(pixels[:, dy:height - 2 + dy, dx:width - 2 + dx]
               for dy in range(3) for dx in range(3)) + 4 * pixels[:, 1:-1, 1:-1]
   smooth[:, 1:-1, 1:-1] = np.round(inner / 13)
-  return _blend(images, smooth, factors)
+  return blend(images, smooth, factors)
 
 
-def _affine(images: np.ndarray, inverse: np.ndarray) -> np.ndarray:
-  """Nearest-neighbour warp with 0 fill: output pixel (x, y) takes input pixel
-  ``inverse @ (x, y, 1)`` (one 2x3 matrix per image, pixel-centre coordinates)."""
+def _linear(v1: np.ndarray, v2: np.ndarray, d: np.ndarray) -> np.ndarray:
+  """PIL's linear interpolation from ``v1`` (d = 0) to ``v2`` (d = 1)."""
+  return v1 + (v2 - v1) * d
+
+
+def _cubic(v1: np.ndarray, v2: np.ndarray, v3: np.ndarray, v4: np.ndarray,
+           d: np.ndarray) -> np.ndarray:
+  """PIL's cubic convolution (a = -1) between ``v2`` (d = 0) and ``v3`` (d = 1), evaluated in
+  PIL's order of operations so that the values truncate as PIL's do."""
+  p2 = -v1 + v3
+  p3 = 2 * (v1 - v2) + v3 - v4
+  p4 = -v1 + v2 - v3 + v4
+  return v2 + d * (p2 + d * (p3 + d * p4))
+
+
+# Separable interpolation kernels: (taps, kernel).
+_KERNELS = {'bilinear': (2, _linear), 'bicubic': (4, _cubic)}
+
+
+def _interpolate(image: np.ndarray, src_x: np.ndarray, src_y: np.ndarray,
+                 interpolation: str) -> np.ndarray:
+  """PIL's bilinear or bicubic sample of one image ``[H, W, C]`` at points ``[P]``
+  (pixel-centre coordinates), repeating the edge pixels, truncated to uint8 ``[P, C]``."""
+  height, width, channels = image.shape
+  taps, kernel = _KERNELS[interpolation]
+  first_x, first_y = np.floor(src_x), np.floor(src_y)
+  dx, dy = (src_x - first_x)[:, None], (src_y - first_y)[:, None]
+  # The taps start one pixel before the floor for bicubic, at the floor for bilinear.
+  start = taps // 2 - 1
+  cols = [np.clip(first_x.astype(np.int64) + t - start, 0, width - 1) for t in range(taps)]
+  rows = [np.clip(first_y.astype(np.int64) + t - start, 0, height - 1) * width
+          for t in range(taps)]
+  pixels = image.reshape(height * width, channels)
+  values = kernel(*(kernel(*(pixels[row + col].astype(np.float64) for col in cols), dx)
+                    for row in rows), dy)
+  return np.clip(values, 0, 255).astype(np.uint8)
+
+
+def affine(images: np.ndarray, inverse: np.ndarray, interpolation: str = 'nearest',
+           fill: float = 0) -> np.ndarray:
+  """Warp of uint8 images: output pixel (x, y) takes the input at ``inverse @ (x, y, 1)``
+  (one 2x3 matrix per image, pixel-centre coordinates), or ``fill`` where that point lies
+  outside the image. ``interpolation``: 'nearest', or PIL's 'bilinear' or 'bicubic'
+  (Image.transform's filters)."""
   n, height, width, _ = images.shape
   ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing='ij')
   grid = np.stack([xs, ys, np.ones_like(xs)], axis=0).reshape(3, -1).astype(np.float64)
-  source = np.round(inverse @ grid).astype(np.int64)  # [n, 2, H*W]
-  src_x, src_y = source[:, 0], source[:, 1]
-  inside = (src_x >= 0) & (src_x < width) & (src_y >= 0) & (src_y < height)
-  flat = np.clip(src_y, 0, height - 1) * width + np.clip(src_x, 0, width - 1)
-  gathered = np.take_along_axis(images.reshape(n, height * width, -1), flat[..., None], axis=1)
-  return np.where(inside[..., None], gathered, 0).reshape(images.shape).astype(np.uint8)
+  points = inverse @ grid  # [n, 2, H*W]
+  if interpolation == 'nearest':
+    source = np.round(points).astype(np.int64)
+    src_x, src_y = source[:, 0], source[:, 1]
+    inside = (src_x >= 0) & (src_x < width) & (src_y >= 0) & (src_y < height)
+    flat = np.clip(src_y, 0, height - 1) * width + np.clip(src_x, 0, width - 1)
+    sampled = np.take_along_axis(images.reshape(n, height * width, -1), flat[..., None],
+                                 axis=1)
+  else:
+    # PIL samples a point whose pixel-corner coordinates lie in [0, W) x [0, H).
+    src_x, src_y = points[:, 0], points[:, 1]
+    inside = ((src_x + 0.5 >= 0) & (src_x + 0.5 < width) & (src_y + 0.5 >= 0)
+              & (src_y + 0.5 < height))
+    # One image at a time keeps the float64 temporaries in cache (twice as fast at 224^2).
+    sampled = np.stack([_interpolate(image, x, y, interpolation)
+                        for image, x, y in zip(images, src_x, src_y)])
+  return np.where(inside[..., None], sampled, fill).reshape(images.shape).astype(np.uint8)
 
 
-def rotate(images: np.ndarray, degrees: np.ndarray) -> np.ndarray:
-  """Counter-clockwise rotation about the image centre."""
+def rotate(images: np.ndarray, degrees: np.ndarray, interpolation: str = 'nearest',
+           fill: float = 0) -> np.ndarray:
+  """Counter-clockwise rotation about the image centre (``affine``'s interpolation and
+  fill)."""
   height, width = images.shape[1:3]
   centre_x, centre_y = (width - 1) / 2, (height - 1) / 2
   cos, sin = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
@@ -167,16 +222,17 @@ def rotate(images: np.ndarray, degrees: np.ndarray) -> np.ndarray:
   inverse = np.stack([
       np.stack([cos, -sin, centre_x - cos * centre_x + sin * centre_y], -1),
       np.stack([sin, cos, centre_y - sin * centre_x - cos * centre_y], -1)], axis=1)
-  return _affine(images, inverse)
+  return affine(images, inverse, interpolation, fill)
 
 
-def shear_x(images: np.ndarray, shears: np.ndarray) -> np.ndarray:
+def shear_x(images: np.ndarray, shears: np.ndarray, interpolation: str = 'nearest',
+            fill: float = 0) -> np.ndarray:
   """Horizontal shear about the image's top-left corner (the outer corner of pixel (0, 0),
   at -1/2 in pixel-centre coordinates): input x = x + shear * (y + 1/2)."""
   zeros, ones = np.zeros_like(shears), np.ones_like(shears)
   inverse = np.stack([np.stack([ones, shears, shears / 2], -1),
                       np.stack([zeros, ones, zeros], -1)], axis=1)
-  return _affine(images, inverse)
+  return affine(images, inverse, interpolation, fill)
 
 
 def _enhance(operation: Callable[[np.ndarray, np.ndarray], np.ndarray]):
