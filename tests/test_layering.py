@@ -13,7 +13,7 @@ PACKAGE = ROOT / 'repvgg_jax'
 # (modules of one layer do not import each other).
 LAYERS = [
     ['variants', 'equivalence', 'autoaugment'],
-    ['winograd', 'checkpoint'],
+    ['winograd', 'checkpoint', 'randaugment'],
     ['convolution', 'input_pipeline'],
     ['blocks'],
     ['models', 'reparam'],
