@@ -57,9 +57,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   # Before any JAX computation: XLA reads its flags once, when the backend starts.
-  if not benchmarking.set_cpu_flags(enable=not args.default_xla_flags) and not args.default_xla_flags:
-    print(f'benchmark.py: note: JAX was already running, {benchmarking.CPU_FAST_FLAGS} not applied',
-          file=sys.stderr)
+  applied = benchmarking.set_cpu_flags(enable=not args.default_xla_flags)
+  if not applied and not args.default_xla_flags:
+    print(f'benchmark.py: note: JAX was already running, {benchmarking.CPU_FAST_FLAGS} not '
+          'applied', file=sys.stderr)
   if args.torch:
     try:
       import timm  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import

@@ -2,15 +2,18 @@ r"""RepVGG-A/B on ImageNet, the paper's recipe (Sec. 4.1; official README).
 
 120 epochs, batch 256, SGD momentum 0.9, learning rate 0.1 per 256 images with cosine
 decay to 0, weight decay 1e-4 (not on biases nor on the BN of the 3x3/1x1 branches), simple
-augmentation (random-resized-crop + flip), 224x224. The argument selects the model::
+augmentation (random-resized-crop + flip), 224x224; evaluation resizes the shorter side to
+256 and centre-crops 224. The argument selects the model::
 
     python train.py --config configs/imagenet_a_b.py:RepVGG-B1 --workdir runs/b1 \
         --config.data_dir ~/tensorflow_datasets
 
 Expected top-1 (the paper's Table 4): A0 72.41, A1 74.46, A2 76.48, B0 75.14, B1 78.37,
 B1g2 77.78, B1g4 77.58, B2 78.78. ``imagenet2012`` must be prepared in ``data_dir`` first
-(the run says how when it is not). Multi-host: add ``--coordinator_address``,
-``--num_processes``, ``--process_id`` (or let the cluster be detected).
+(the run says how when it is not). Multi-host: add ``--coordinator-address``,
+``--num-processes``, ``--process-id`` (or let the cluster be detected).
+
+Each value's source is pinned by tests/test_recipes.py.
 """
 
 import ml_collections
@@ -21,10 +24,16 @@ def get_config(model: str = 'RepVGG-A0') -> ml_collections.ConfigDict:
   config.model = model or 'RepVGG-A0'
   config.dataset = 'imagenet2012'
   config.data_dir = ''            # the TFDS data_dir holding imagenet2012
-  config.image_size = 224
-  config.augment = 'simple'       # 'crop' (no flip), 'simple' (crop + flip), 'autoaugment'
+  config.image_size = 224         # training
+  # Evaluation; follows image_size until set (a derived reference, not a shared one).
+  config.eval_image_size = config.get_ref('image_size') * 1
+  # 'crop' (no flip), 'simple' (crop + flip), 'autoaugment', 'randaugment' (the authors'
+  # raug15 with the two fields below)
+  config.augment = 'simple'
+  config.randaugment_magnitude = 15
+  config.randaugment_num_ops = 2
   config.min_crop_scale = 0.08
-  config.crop_fraction = 0.875
+  config.crop_fraction = 0.875    # evaluation: shorter side to eval_image_size / this
 
   config.batch_size = 256         # global, over all devices and processes
   config.eval_batch_size = 0      # 0: batch_size
@@ -35,6 +44,10 @@ def get_config(model: str = 'RepVGG-A0') -> ml_collections.ConfigDict:
   config.momentum = 0.9
   config.nesterov = False
   config.weight_decay = 1e-4
+  # Which parameters decay: 'repvgg' (the original models' rule: names without 'bias' or
+  # 'bn') or 'swin' (the authors' later trainer: no 1-D parameters but the identity BN's
+  # scale); see training/optimization.py.
+  config.weight_decay_rule = 'repvgg'
   config.grad_clip_norm = 0.0     # > 0: clip the global gradient norm to this (0: off)
   config.custom_l2 = False        # the official get_custom_L2 instead of plain decay
   config.label_smoothing = 0.0

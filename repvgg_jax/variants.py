@@ -31,6 +31,15 @@ GROUPWISE_LAYERS = tuple(range(2, 27, 2))
 SEPosition = Optional[Literal['pre', 'post']]
 
 
+class EvalPreprocessing(NamedTuple):
+  """How the released weights' published top-1 was measured: the shorter side resized to
+  ``image_size / crop_fraction`` (``interpolation``), the centre ``image_size`` square
+  kept, then normalized with ``IMAGENET_MEAN``/``IMAGENET_STD``."""
+  image_size: int
+  crop_fraction: float
+  interpolation: str = 'bilinear'
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """One RepVGG architecture.
@@ -45,6 +54,9 @@ class Variant:
     plus: RepVGGplus: stage 3 is split in two halves and three auxiliary classifiers
       are attached (after stage 1, stage 2 and the first half of stage 3) for training.
     top1: published ImageNet top-1 (%) of the authors' released weights, if any.
+    eval_preprocessing: the preprocessing that top-1 was measured with (A/B: 224 with
+      crop fraction 0.875, the authors' test.py; D2se and L2pse: 320 with 1.0, their README
+      and Swin-based trainer's ``TEST_SIZE 320`` without ``TEST.CROP``; all bilinear).
   """
   name: str
   depths: tuple[int, int, int, int]
@@ -53,6 +65,7 @@ class Variant:
   se: SEPosition = None
   plus: bool = False
   top1: Optional[float] = None
+  eval_preprocessing: EvalPreprocessing = EvalPreprocessing(224, 0.875)
 
   @property
   def se_reduction(self) -> int:
@@ -95,8 +108,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant('RepVGG-B3', _B, (3, 3, 3, 5), top1=80.52),
     Variant('RepVGG-B3g2', _B, (3, 3, 3, 5), groups=2),
     Variant('RepVGG-B3g4', _B, (3, 3, 3, 5), groups=4, top1=80.21),
-    Variant('RepVGG-D2se', _D, (2.5, 2.5, 2.5, 5), se='pre', top1=83.55),
-    Variant('RepVGGplus-L2pse', _D, (2.5, 2.5, 2.5, 5), se='post', plus=True, top1=84.06),
+    Variant('RepVGG-D2se', _D, (2.5, 2.5, 2.5, 5), se='pre', top1=83.55,
+            eval_preprocessing=EvalPreprocessing(320, 1.0)),
+    Variant('RepVGGplus-L2pse', _D, (2.5, 2.5, 2.5, 5), se='post', plus=True, top1=84.06,
+            eval_preprocessing=EvalPreprocessing(320, 1.0)),
 ]}
 
 

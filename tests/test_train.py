@@ -227,6 +227,36 @@ def test_weight_decay_mask_follows_the_official_names():
       'linear/kernel', 'stage1_0/identity/scale']
 
 
+def official_name(path):
+  """The official PyTorch name of a Flax path of ``block_tree`` (repvgg.py's modules)."""
+  names = {'conv3x3': 'rbr_dense', 'conv1x1': 'rbr_1x1', 'identity': 'rbr_identity',
+           'kernel': 'weight', 'scale': 'weight', 'stage1_0': 'stage1.0'}
+  return '.'.join(names.get(k.key, k.key) for k in path)
+
+
+@pytest.mark.parametrize('rule', optimization.WEIGHT_DECAY_RULES)
+def test_each_weight_decay_rule_is_its_trainers_formula(rule):
+  params, _ = block_tree(np.random.default_rng(0))
+  params['se'] = {'down': {'kernel': np.ones((4, 1)), 'bias': np.ones(1)}}
+  # A 1-D parameter named neither 'bias' nor 'bn': the two rules disagree on it.
+  params = {'stage1_0': params, 'linear': {'kernel': np.ones((4, 2)), 'bias': np.ones(2)},
+            'gain': np.ones(3)}
+  mask = optimization.weight_decay_mask(params, rule=rule)
+  for path, decays in jax.tree_util.tree_flatten_with_path(mask)[0]:
+    name = official_name(path)
+    value = params
+    for k in path:
+      value = value[k.key]
+    if rule == 'repvgg':  # train.py: 'bias' or 'bn' in the name -> no decay
+      official = 'bias' not in name and 'bn' not in name
+    else:  # train/optimizer.py set_weight_decay
+      official = 'identity.weight' in name or not (np.ndim(value) == 1
+                                                     or name.endswith('.bias'))
+    assert decays == official, (rule, name)
+  with pytest.raises(ValueError, match="weight_decay_rule 'adamw': accepted are repvgg, swin"):
+    optimization.weight_decay_mask(params, rule='adamw')
+
+
 def test_gradient_clipping_bounds_the_global_norm_before_weight_decay():
   sys.path.insert(0, REPO)
   from configs import fashion_mnist

@@ -62,8 +62,8 @@ def _batch_shapes(per_device: int, image: tuple[int, int, int], devices: int,
 
 def compile_steps(train: Callable, evaluate: Callable, deploy_evaluate: Callable, *,
                   initializer: Callable[[jax.Array], Tree], tx: optax.GradientTransformation,
-                  ema: bool, image: tuple[int, int, int], batch_size: int,
-                  eval_batch_size: int) -> CompiledSteps:
+                  ema: bool, image: tuple[int, int, int], eval_image: tuple[int, int, int],
+                  batch_size: int, eval_batch_size: int) -> CompiledSteps:
   """Compile the pmapped train step and the evaluation steps of both structures from
   shapes alone, in a background thread. Compiling keeps about one core busy: the train
   step compiles while the caller initializes the model (training starts about 20 s sooner
@@ -78,7 +78,7 @@ def compile_steps(train: Callable, evaluate: Callable, deploy_evaluate: Callable
   trained = train_state.eval_variables(variables)
   deployed = jax.eval_shape(reparameterize, trained)
   train_batch = _batch_shapes(batch_size // devices, image, devices)
-  eval_batch = _batch_shapes(eval_batch_size // devices, image, devices, mask=True)
+  eval_batch = _batch_shapes(eval_batch_size // devices, eval_image, devices, mask=True)
 
   def compile_(step, *shapes):
     return step.lower(*shapes).compile()

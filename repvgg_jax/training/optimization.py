@@ -29,21 +29,39 @@ def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int
   return schedule
 
 
-def weight_decay_mask(params: Tree, custom_l2: bool = False) -> Tree:
-  """True where plain weight decay applies: the official rule (``train.py`` of
-  DingXiaoH/RepVGG) decays every parameter whose name contains neither 'bias' nor 'bn'.
+# The weight-decay rules of the authors' two trainers, by the name a config gives them.
+WEIGHT_DECAY_RULES = ('repvgg', 'swin')
 
-  So conv and linear kernels and the identity branch's BN scale decay; biases and the BN
-  parameters of the 3x3/1x1 branches do not. With ``custom_l2`` the whole 3x3 and 1x1
-  branches (``rbr_dense``/``rbr_1x1`` there) get no plain decay: ``custom_l2_penalty``
-  regularizes their kernels instead.
+
+def weight_decay_mask(params: Tree, custom_l2: bool = False, rule: str = 'repvgg') -> Tree:
+  """True where plain weight decay applies, by one of the authors' rules:
+
+  * ``'repvgg'``, the original RepVGG models' (``train.py`` of DingXiaoH/RepVGG): every
+    parameter whose name contains neither 'bias' nor 'bn';
+  * ``'swin'``, their Swin-Transformer-based trainer's (``train/optimizer.py``
+    ``set_weight_decay``, used for RepVGGplus): no decay on biases and on every 1-D
+    parameter, except the identity branch's BN scale (``'identity.weight'`` is decayed
+    there by name).
+
+  On RepVGG's parameters both select the conv, SE and linear kernels and the identity
+  branch's BN scale, and leave biases and the 3x3/1x1 branches' BN parameters alone.
+  With ``custom_l2`` the whole 3x3 and 1x1 branches (``rbr_dense``/``rbr_1x1`` there) get
+  no plain decay: ``custom_l2_penalty`` regularizes their kernels instead.
   """
-  def decays(names: tuple[str, ...]) -> bool:
-    if names[-1] == 'bias' or 'bn' in names:
+  if rule not in WEIGHT_DECAY_RULES:
+    raise ValueError(f'weight_decay_rule {rule!r}: accepted are {", ".join(WEIGHT_DECAY_RULES)}')
+
+  def decays(names: tuple[str, ...], leaf: Any) -> bool:
+    if custom_l2 and ('conv3x3' in names or 'conv1x1' in names):
       return False
-    return not (custom_l2 and ('conv3x3' in names or 'conv1x1' in names))
+    if rule == 'repvgg':
+      return names[-1] != 'bias' and 'bn' not in names
+    if names[-2:] == ('identity', 'scale'):
+      return True
+    return names[-1] != 'bias' and jnp.ndim(leaf) > 1
   flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({names: decays(names) for names in flat})
+  return traverse_util.unflatten_dict(
+      {names: decays(names, leaf) for names, leaf in flat.items()})
 
 
 def custom_l2_penalty(params: Tree, batch_stats: Tree) -> jax.Array:
@@ -89,6 +107,7 @@ def create_optimizer(config: Any, steps_per_epoch: int, total_steps: int
       *clip,
       optax.add_decayed_weights(
           config.weight_decay,
-          mask=functools.partial(weight_decay_mask, custom_l2=config.custom_l2)),
+          mask=functools.partial(weight_decay_mask, custom_l2=config.custom_l2,
+                                 rule=config.weight_decay_rule)),
       optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
   return tx, schedule

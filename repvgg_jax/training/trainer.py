@@ -66,6 +66,9 @@ def check_config(config: Any) -> None:
   if not config.grad_clip_norm >= 0:
     raise TrainingError(f'grad_clip_norm must be 0 (off) or positive, got '
                         f'{config.grad_clip_norm}')
+  if config.weight_decay_rule not in optimization.WEIGHT_DECAY_RULES:
+    raise TrainingError(f'weight_decay_rule {config.weight_decay_rule!r}: accepted are '
+                        f'{", ".join(optimization.WEIGHT_DECAY_RULES)}')
   if not config.conv_init_scale > 0:
     raise TrainingError(f'conv_init_scale must be positive, got {config.conv_init_scale}')
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
@@ -125,11 +128,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   _check_workdir(workdir, config.model, info.num_classes)
   if lead:
-    checkpoint.write_json(os.path.join(workdir, checkpoint.RUN_METADATA),
-                          checkpoint.model_metadata(
-                              config.model, info.num_classes, config.image_size, info.mean,
-                              info.std, dataset=config.dataset, structure='train',
-                              config=json.loads(config.to_json())))
+    # image_size: the size the model is evaluated (and deployed) at.
+    metadata = checkpoint.model_metadata(
+        config.model, info.num_classes, config.eval_image_size, info.mean, info.std,
+        dataset=config.dataset, structure='train', config=json.loads(config.to_json()))
+    checkpoint.write_json(os.path.join(workdir, checkpoint.RUN_METADATA), metadata)
 
   # ------------------------------------------------------------------ compile, initialize
   initializer = train_state.initializer(model, config.image_size, info.channels)
@@ -141,6 +144,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                                                          deploy=True)),
       initializer=initializer, tx=tx, ema=config.ema_decay > 0,
       image=(config.image_size, config.image_size, info.channels),
+      eval_image=(config.eval_image_size, config.eval_image_size, info.channels),
       batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size or config.batch_size)
   variables = train_state.initial_variables(config, model, info.channels)
@@ -158,7 +162,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   def eval_batches():
     return input_pipeline.eval_batches(
         config.dataset, global_batch_size=config.eval_batch_size or config.batch_size,
-        image_size=config.image_size, process_index=process, process_count=processes,
+        image_size=config.eval_image_size, process_index=process, process_count=processes,
         data_dir=config.data_dir or None, crop_fraction=config.crop_fraction)
 
   # ------------------------------------------------------------------ train
@@ -246,7 +250,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     summary.update(ema_eval_loss=ema['loss'], ema_eval_accuracy=ema['accuracy'])
   if lead:
     metadata = checkpoint.model_metadata(
-        config.model, info.num_classes, config.image_size, info.mean, info.std,
+        config.model, info.num_classes, config.eval_image_size, info.mean, info.std,
         structure='deploy', dataset=config.dataset, eval_accuracy=deployed['accuracy'])
     checkpoint.save_variables(os.path.join(workdir, DEPLOY_DIR), deploy_variables, metadata,
                               overwrite=True, this_process_only=True)
