@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -79,8 +79,8 @@ def _block_name(stage: str, index: int) -> str:
   return stage if stage == 'stage0' else f'{stage}_{index}'
 
 
-def expected_shapes(model_name: str, num_classes: int, channels: int = 3
-                    ) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(model_name: str, num_classes: int, channels: int
+                     ) -> dict[str, tuple[int, ...]]:
   """Shape of every leaf of the deploy tree of ``model_name``, by '/'-joined path under
   ``params``."""
   variant = rv.get_variant(model_name)
@@ -114,7 +114,7 @@ def _leaves(tree: Mapping, prefix: str = '') -> dict[str, Any]:
 
 
 def check_deploy_variables(model_name: str, deploy_variables: Any,
-                           num_classes: Union[int, None] = None, channels: int = 3) -> int:
+                           num_classes: Optional[int] = None, channels: int = 3) -> int:
   """Raise a one-line ValueError unless ``deploy_variables`` is the deploy tree of
   ``model_name`` for ``channels`` input channels; returns its number of classes
   (inferred from ``params/linear`` when ``num_classes`` is None, 0 without a
@@ -138,13 +138,14 @@ def check_deploy_variables(model_name: str, deploy_variables: Any,
                      f'{extra}')
   for path, leaf in leaves.items():
     shape = np.shape(leaf)
-    if path.endswith('reparam_conv/kernel') and len(shape) == 4 and shape[:2] != (3, 3):
+    # winograd.transform_kernels gives stride-1 kernels (m+2, m+2, in/groups, out), m=2 or 4.
+    if path.endswith('reparam_conv/kernel') and len(shape) == 4 and shape[:2] in ((4, 4), (6, 6)):
       raise ValueError(f'{path} has shape {shape}: a Winograd-transformed kernel? ONNX '
                        'export takes the 3x3 HWIO kernels (3, 3, in/groups, out) of '
                        'rv.reparameterize, before winograd.transform_kernels')
   if num_classes is None:
     num_classes = int(np.shape(leaves['linear/kernel'])[-1]) if 'linear/kernel' in leaves else 0
-  want = expected_shapes(model_name, num_classes, channels)
+  want = _expected_shapes(model_name, num_classes, channels)
   got = {path: tuple(np.shape(leaf)) for path, leaf in leaves.items()}
   problems = ([f'{k} missing' for k in want if k not in got]
               + [f'{k} unexpected' for k in got if k not in want]
@@ -157,7 +158,7 @@ def check_deploy_variables(model_name: str, deploy_variables: Any,
   return num_classes
 
 
-def to_onnx(model_name: str, deploy_variables: Any, num_classes: Union[int, None] = None,
+def to_onnx(model_name: str, deploy_variables: Any, num_classes: Optional[int] = None,
             channels: int = 3, opset: int = DEFAULT_OPSET) -> bytes:
   """The deploy model ``model_name`` with ``deploy_variables`` as a serialized ONNX model:
   the bytes of a ``.onnx`` file, checked by ``onnx.checker`` (with shape inference).
@@ -265,7 +266,7 @@ def _jax_forward(model_name: str, num_classes: int) -> Any:
   return jax.jit(net.apply)
 
 
-def verify_onnx(model: Union[bytes, 'onnx.ModelProto'], model_name: str,
+def verify_onnx(model: Union[bytes, onnx.ModelProto], model_name: str,
                 deploy_variables: Any, image_size: Union[int, tuple[int, int]],
                 channels: int = 3, batch_sizes: Sequence[int] = (1, 3),
                 tolerance: float = TOLERANCE, seed: int = 0) -> float:
@@ -280,6 +281,8 @@ def verify_onnx(model: Union[bytes, 'onnx.ModelProto'], model_name: str,
     ImportError: onnxruntime is not installed.
   """
   ort = _import_onnxruntime()
+  if not batch_sizes or min(batch_sizes) < 1:
+    raise ValueError(f'batch_sizes must be positive integers, got {tuple(batch_sizes)}')
   num_classes = check_deploy_variables(model_name, deploy_variables, None, channels)
   height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
   images = np.random.default_rng(seed).standard_normal(

@@ -126,13 +126,15 @@ def test_training_time_tree_is_refused(variables):
   assert 'reparameterize first' in refusal('RepVGG-A0', {'params': train['params']})
 
 
-def test_winograd_kernels_are_refused(variables):
+@pytest.mark.parametrize('side', [4, 6])
+def test_winograd_kernels_are_refused(side, variables):
   _, deploy_vars = variables('RepVGG-A0')
-  # The shape winograd.transform_kernels gives a stride-1 3x3 kernel for 'winograd4'.
+  # The shape winograd.transform_kernels gives a stride-1 kernel ('winograd2': 4x4,
+  # 'winograd4': 6x6).
   path = ('params', 'stage1_1', 'reparam_conv', 'kernel')
-  tree = edited(deploy_vars, path, np.zeros((6, 6, 48, 48), np.float32))
+  tree = edited(deploy_vars, path, np.zeros((side, side, 48, 48), np.float32))
   message = refusal('RepVGG-A0', tree)
-  assert 'stage1_1/reparam_conv/kernel has shape (6, 6, 48, 48)' in message
+  assert f'stage1_1/reparam_conv/kernel has shape ({side}, {side}, 48, 48)' in message
   assert 'Winograd' in message and '(3, 3, in/groups, out)' in message
 
 
