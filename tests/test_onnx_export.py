@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -75,12 +76,15 @@ def refusal(name, deploy_vars, **kwargs) -> str:
   return message
 
 
+def dims(value) -> list:
+  return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
 def test_graph_has_symbolic_batch_height_and_width(variables):
   _, deploy_vars = variables('RepVGG-A0')
   serialized = onnx_export.to_onnx('RepVGG-A0', deploy_vars)
   model = onnx.load_from_string(serialized)
   assert model.opset_import[0].version == 17
-  dims = lambda value: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
   assert [(v.name, dims(v)) for v in model.graph.input] == [
       ('images', ['batch', 3, 'height', 'width'])]
   assert [(v.name, dims(v)) for v in model.graph.output] == [('logits', ['batch', 10])]
@@ -94,6 +98,8 @@ def test_graph_has_symbolic_batch_height_and_width(variables):
     if shape[0] == 2:
       # Different images, different logits: the comparisons with JAX are not of constants.
       assert np.abs(logits[0] - logits[1]).max() > 1e-3
+  # verify_onnx takes the parsed proto as well as the bytes.
+  assert onnx_export.verify_onnx(model, 'RepVGG-A0', deploy_vars, (HEIGHT, WIDTH)) <= 1e-5
 
 
 def test_opset_11_and_no_classifier(variables):
@@ -163,7 +169,20 @@ def test_unknown_model_and_opset_are_refused(variables):
   assert 'accepted 11 to' in refusal('RepVGG-A0', deploy_vars, opset=9)
 
 
-# A0; B1g4 (grouped convs); D2se (SE before the ReLU); RepVGGplus-L2pse (SE after it).
+def test_a_missing_package_is_named_with_its_install_command(variables, monkeypatch):
+  _, deploy_vars = variables('RepVGG-A0')
+  install = r"pip install 'repvgg-jax\[onnx\]' \(or pip install {}\)"
+  monkeypatch.setitem(sys.modules, 'onnx', None)  # `import onnx` now raises ImportError.
+  with pytest.raises(ImportError, match=install.format('onnx')):
+    onnx_export.to_onnx('RepVGG-A0', deploy_vars)
+  monkeypatch.setitem(sys.modules, 'onnxruntime', None)
+  with pytest.raises(ImportError, match=install.format('onnxruntime')):
+    onnx_export.verify_onnx(b'', 'RepVGG-A0', deploy_vars, (HEIGHT, WIDTH))
+
+
+# Last, so that the A0 variables drawn for the tests above serve its first case and the
+# larger variants' are drawn once each. A0; B1g4 (grouped convs); D2se (SE before the
+# ReLU); RepVGGplus-L2pse (SE after it).
 @pytest.mark.parametrize('name', ['RepVGG-A0', 'RepVGG-B1g4', 'RepVGG-D2se',
                                   'RepVGGplus-L2pse'])
 def test_onnxruntime_reproduces_the_jax_deploy_model(name, variables):
