@@ -125,6 +125,15 @@ def test_a_wrong_onnx_model_fails_verification(variables):
     onnx_export.verify_onnx(serialized, 'RepVGG-A0', deploy_vars, (HEIGHT, WIDTH))
 
 
+@pytest.mark.parametrize('name', rv.list_models())
+def test_the_deploy_tree_of_every_model_is_accepted(name):
+  """What to_onnx expects is what the deploy model's init creates (shapes only)."""
+  model = rv.create_model(name, NUM_CLASSES, deploy=True)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct((1, HEIGHT, WIDTH, 3), jnp.float32))
+  assert onnx_export.check_deploy_variables(name, shapes) == NUM_CLASSES
+
+
 def test_training_time_tree_is_refused(variables):
   train, _ = variables('RepVGG-A0')
   assert 'reparameterize first' in refusal('RepVGG-A0', train)
