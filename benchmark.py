@@ -1,7 +1,8 @@
 """Inference speed of RepVGG: training-time vs deploy graph in JAX, PyTorch alongside.
 
   python benchmark.py --models RepVGG-A0,RepVGG-B0 --batch-sizes 1,8,32 --dtype float32 \\
-      --image-size 224 [--torch] [--json results.json] [--plot results.png]
+      --image-size 224 [--torch] [--onnx-runtimes onnxruntime,openvino] \\
+      [--json results.json] [--plot results.png]
 
 Prints a markdown table (stdout; progress lines on stderr), and writes a JSON list of
 records and a PNG (throughput per batch size; speed against published ImageNet top-1).
@@ -38,8 +39,12 @@ def parse_args(argv: Optional[Sequence[str]] = None):
   parser.add_argument('--torch-variants', type=cli.choices(tuple(benchmarking.TORCH_VARIANTS)),
                       default=list(benchmarking.TORCH_VARIANTS),
                       help=f'with --torch, from: {", ".join(benchmarking.TORCH_VARIANTS)}')
+  parser.add_argument('--onnx-runtimes', type=cli.choices(benchmarking.ONNX_RUNTIMES),
+                      default=[], help='also run the ONNX export of the deploy model (float32, '
+                      f'CPU) in these, comma-separated from: {", ".join(benchmarking.ONNX_RUNTIMES)}')
   parser.add_argument('--threads', type=cli.positive_int,
-                      help='PyTorch CPU threads (default: PyTorch\'s own choice)')
+                      help='CPU threads of PyTorch and the ONNX runtimes (default: each '
+                      'one\'s own choice)')
   parser.add_argument('--min-calls', type=cli.positive_int, default=10,
                       help='timed calls per measurement, at least (default: 10)')
   parser.add_argument('--min-seconds', type=float, default=3.0,
@@ -51,6 +56,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
   args = parser.parse_args(argv)
   if args.min_seconds < 0:
     parser.error('--min-seconds must be >= 0')
+  if args.onnx_runtimes and args.dtype != 'float32':
+    parser.error('--onnx-runtimes runs the float32 export: use --dtype float32')
   return args
 
 
@@ -87,8 +94,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                         args.image_size)
       if args.torch:
         candidates += benchmarking.torch_candidates(name, args.torch_variants, batch_size,
-                                             args.dtype, args.image_size,
-                                             threads=args.threads)
+                                                    args.dtype, args.image_size,
+                                                    threads=args.threads)
+      if args.onnx_runtimes:
+        candidates += benchmarking.onnx_candidates(name, args.onnx_runtimes, batch_size,
+                                                   args.image_size, threads=args.threads)
       records += benchmarking.measure(candidates, batch_size, args.dtype, args.image_size,
                                args.min_calls, args.min_seconds)
   # The best of two matmul measurements, before and after: other load only slows it.

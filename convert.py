@@ -1,8 +1,9 @@
 """Convert RepVGG checkpoints: training run -> verified deploy checkpoint (and a portable
 jax.export artifact), PyTorch weights -> Flax variables, and Flax -> PyTorch.
 
-  # Training run -> deploy variables directory (+ model.jax_export with --export):
-  python convert.py deploy --workdir runs/a0 --output deploy/a0 [--step N] [--export stablehlo]
+  # Training run -> deploy variables directory (+ model.jax_export, model.onnx):
+  python convert.py deploy --workdir runs/a0 --output deploy/a0 [--step N] \
+      [--export stablehlo,onnx]
   # PyTorch state dict (official or timm names, .pth or .safetensors) -> variables:
   python convert.py from-torch RepVGG-A0-train.pth --model RepVGG-A0 --output a0_torch
   # Training run or variables directory -> PyTorch state dict:
@@ -55,9 +56,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
   deploy.add_argument('--output', required=True, metavar='DIR',
                       help='the variables directory to write')
   cli.add_model(deploy, help='the model the run must be of (default: any)')
-  deploy.add_argument('--export', choices=conversion.EXPORT_FORMATS,
-                      help='also write a jax.export artifact of the deploy model '
-                      f'({conversion.EXPORT_FILE}, symbolic batch size)')
+  deploy.add_argument('--export', type=cli.choices(conversion.EXPORT_FORMATS), default=[],
+                      help='also write, comma-separated: stablehlo (a jax.export artifact, '
+                      f'{conversion.EXPORT_FILE}, symbolic batch size), onnx '
+                      f'({conversion.ONNX_FILE}, NCHW, opset 17, checked in onnxruntime)')
   cli.add_conv_impl(deploy, ('auto',) + convolution.CONV_IMPLS, default='auto',
                     extra_names=('--conv',),
                     help='3x3 conv of the exported deploy model: XLA\'s, matmuls for maps '
@@ -108,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       conv_impl = args.conv_impl
       if conv_impl == 'auto':
         conv_impl = (convolution.default_conv_impl(args.platforms[0])
-                     if args.export and len(args.platforms) == 1 else 'xla')
+                     if 'stablehlo' in args.export and len(args.platforms) == 1 else 'xla')
       conversion.convert_training_run(
           args.workdir, args.output, step=args.step, model=args.model, export=args.export,
           conv_impl=conv_impl, overwrite=args.overwrite, platforms=args.platforms)

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import convolution
-from repvgg_jax.equivalence import random_variables
+from repvgg_jax import convolution, onnx_export
+from repvgg_jax.equivalence import TOLERANCE, random_variables, relative_error
 from repvgg_jax.models import DTYPES, count_params, create_model, deploy_macs
 from repvgg_jax.reparam import reparameterize
 from repvgg_jax.torch_io import timm_model_name
@@ -309,6 +309,72 @@ def torch_candidates(name: str, structures: Sequence[str], batch_size: int,
         first_call, call, wait,
         peak_memory=(lambda: int(torch.cuda.max_memory_allocated())) if cuda else
         (lambda: None)))
+  return candidates
+
+
+# The runtimes that run this project's ONNX export (``onnx_export.to_onnx``) on the CPU.
+ONNX_RUNTIMES = ('onnxruntime', 'openvino')
+
+
+def onnx_candidates(name: str, runtimes: Sequence[str], batch_size: int,
+                    image_size: int = 224, rotate: int = 3,
+                    threads: Optional[int] = None) -> list[Candidate]:
+  """The ONNX export of ``name``'s deploy model (the same random variables as
+  ``jax_candidates``'), float32 NCHW, in each of ``runtimes``: onnxruntime's
+  CPUExecutionProvider with every graph optimization (the fastest level measured), and
+  OpenVINO's CPU plugin at f32 precision (it would pick bfloat16 where the CPU has it).
+  ``threads`` sets both runtimes' intra-op threads. Each output is checked against the
+  JAX deploy model (``onnx_export.verify_onnx``'s bar) before it is timed; a runtime that
+  is not installed is reported and left out."""
+  unknown = [r for r in runtimes if r not in ONNX_RUNTIMES]
+  if unknown:
+    raise ValueError(f'unknown ONNX runtime(s) {unknown}; accepted: {", ".join(ONNX_RUNTIMES)}')
+  train_vars = random_variables(
+      create_model(name), jax.ShapeDtypeStruct((1, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE, 3),
+                                               jnp.float32))
+  deploy_vars = jax.device_get(reparameterize(train_vars))
+  serialized = onnx_export.to_onnx(name, deploy_vars)
+  params = count_params(deploy_vars['params'])
+  nhwc = [np.asarray(jax.random.normal(jax.random.PRNGKey(i),
+                                       (batch_size, image_size, image_size, 3)))
+          for i in range(rotate)]
+  nchw = [np.ascontiguousarray(x.transpose(0, 3, 1, 2)) for x in nhwc]
+  reference = np.asarray(jax.jit(create_model(name, deploy=True, precision='highest').apply)(
+      deploy_vars, nhwc[0]))
+  device = f'cpu ({_cpu_model()}, {threads or os.cpu_count()} threads)'
+  candidates = []
+  for runtime in runtimes:
+    start = time.perf_counter()
+    try:
+      if runtime == 'onnxruntime':
+        import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+        options = ort.SessionOptions()
+        if threads:
+          options.intra_op_num_threads = threads
+        session = ort.InferenceSession(serialized, options,
+                                       providers=['CPUExecutionProvider'])
+        call = lambda i, s=session: s.run(None, {'images': nchw[i % rotate]})[0]
+      else:
+        import openvino as ov  # pylint: disable=import-outside-toplevel
+        core = ov.Core()
+        config = {'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
+        if threads:
+          config['INFERENCE_NUM_THREADS'] = threads
+        compiled = core.compile_model(core.read_model(serialized), 'CPU', config)
+        request = compiled.create_infer_request()
+        call = lambda i, r=request, c=compiled: r.infer({'images': nchw[i % rotate]})[
+            c.output(0)]
+    except ImportError as e:
+      _progress(f'{name} {runtime}: not installed ({e}), left out')
+      continue
+    seconds = time.perf_counter() - start
+    error = relative_error(call(0), reference)
+    _progress(f'{name} {runtime}: ready in {seconds:.1f} s, error vs JAX {error:.1e}')
+    if not error <= TOLERANCE:
+      raise ValueError(f'{name} in {runtime} differs from the JAX deploy model by '
+                       f'{error:.2e} > {TOLERANCE:.0e}')
+    candidates.append(Candidate(name, runtime, runtime, device, params, seconds, call,
+                                wait=lambda y: y, peak_memory=lambda: None))
   return candidates
 
 

@@ -16,20 +16,21 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import checkpoint, convolution, torch_io
+from repvgg_jax import checkpoint, convolution, onnx_export, torch_io
 from repvgg_jax.equivalence import TOLERANCE, relative_error
-from repvgg_jax.models import create_model, variable_shapes
+from repvgg_jax.models import check_variables, create_model
 from repvgg_jax.reparam import reparameterize
 from repvgg_jax.variants import get_variant
 
 EXPORT_FILE = 'model.jax_export'
-EXPORT_FORMATS = ('stablehlo',)
+ONNX_FILE = 'model.onnx'
+EXPORT_FORMATS = ('stablehlo', 'onnx')
 # Platforms lowered into the export by default: one artifact for all of them.
 EXPORT_PLATFORMS = ('cpu', 'cuda', 'tpu')
 KNOWN_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
@@ -41,26 +42,12 @@ class ConversionError(ValueError):
 
 def check_structure(variables: Any, model: str, num_classes: int, deploy: bool,
                     where: str, channels: int = 3) -> None:
-  """Raise CheckpointError naming the first leaf that ``create_model(model, num_classes,
-  deploy)`` for ``channels`` input channels does not have with this shape (a checkpoint
-  of another model, say)."""
-  expected = variable_shapes(create_model(model, num_classes=num_classes, deploy=deploy),
-                             channels)
-  if not deploy:
-    expected = {k: expected[k] for k in ('params', 'batch_stats')}
-  want = {jax.tree_util.keystr(p): tuple(x.shape)
-          for p, x in jax.tree_util.tree_leaves_with_path(expected)}
-  got = {jax.tree_util.keystr(p): tuple(np.shape(x))
-         for p, x in jax.tree_util.tree_leaves_with_path(variables)}
-  problems = ([f'{k} missing' for k in want if k not in got]
-              + [f'{k} unexpected' for k in got if k not in want]
-              + [f'{k} has shape {got[k]}, expected {want[k]}'
-                 for k in want if k in got and got[k] != want[k]])
-  if problems:
-    more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
-    raise checkpoint.CheckpointError(
-        f'{where}: not a {"deploy" if deploy else "training-time"} {model} with '
-        f'{num_classes} classes: {"; ".join(problems[:3])}{more}')
+  """Raise CheckpointError (``where`` first) naming the leaves that do not fit the model
+  (``models.check_variables``): a checkpoint of another model, say."""
+  try:
+    check_variables(variables, model, num_classes, deploy, channels)
+  except ValueError as e:
+    raise checkpoint.CheckpointError(f'{where}: {e}') from None
 
 
 def verify_deploy(model: str, num_classes: int, train_variables: Any, deploy_variables: Any,
@@ -99,7 +86,8 @@ def export_deploy(model: str, num_classes: int, deploy_variables: Any, image_siz
 
 
 def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
-                         model: Optional[str] = None, export: Optional[str] = None,
+                         model: Optional[str] = None,
+                         export: Union[None, str, Sequence[str]] = None,
                          conv_impl: str = 'xla', overwrite: bool = False,
                          platforms: Optional[Sequence[str]] = EXPORT_PLATFORMS,
                          log: Any = print) -> dict[str, Any]:
@@ -110,7 +98,9 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
     output: the variables directory to create.
     step: the checkpoint step; the latest by default.
     model: the model the run must be of (an error otherwise); None accepts any.
-    export: None, or ``'stablehlo'`` to also write ``EXPORT_FILE``.
+    export: formats of ``EXPORT_FORMATS`` to also write (a name or several):
+      ``'stablehlo'``, ``EXPORT_FILE``; ``'onnx'``, ``ONNX_FILE`` (``onnx_export.to_onnx``
+      of the deploy variables, NCHW input, verified in onnxruntime within the same bar).
     conv_impl: the 3x3 conv implementation of the exported forward pass (the stored
       variables are always ``reparameterize``'s, for every ``conv_impl``).
     overwrite: replace an existing ``output``.
@@ -121,8 +111,11 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
     CheckpointError: missing, unreadable or mismatched checkpoint, or existing output.
     ConversionError: the deploy model's error exceeds ``TOLERANCE``; nothing is written.
   """
-  if export is not None and export not in EXPORT_FORMATS:
-    raise ValueError(f'unknown export format {export!r}; accepted: {", ".join(EXPORT_FORMATS)}')
+  exports = [export] if isinstance(export, str) else list(export or ())
+  unknown = [e for e in exports if e not in EXPORT_FORMATS]
+  if unknown:
+    raise ValueError(f'unknown export format {unknown[0]!r}; accepted: '
+                     f'{", ".join(EXPORT_FORMATS)}')
   convolution.check_conv_impl(conv_impl, deploy=True)
   output = os.path.abspath(output)
   checkpoint.refuse_existing(output, overwrite)
@@ -161,14 +154,27 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
       run_model, num_classes, image_size, mean, std, structure='deploy',
       source=os.path.abspath(workdir), step=int(step), conversion_relative_error=error)
   files = {}
-  if export:
+  if 'stablehlo' in exports:
     serialized = export_deploy(run_model, num_classes, checked, image_size, conv_impl,
                                channels, platforms)
     files[EXPORT_FILE] = serialized
-    metadata['export'] = {'file': EXPORT_FILE, 'format': export, 'conv_impl': conv_impl,
+    metadata['export'] = {'file': EXPORT_FILE, 'format': 'stablehlo', 'conv_impl': conv_impl,
                           'platforms': list(platforms or [jax.default_backend()]),
                           'input': ['batch', image_size, image_size, channels]}
-    log(f'exported {len(serialized) / 2**20:.1f} MiB ({export}, {conv_impl}, symbolic batch)')
+    log(f'exported {len(serialized) / 2**20:.1f} MiB (stablehlo, {conv_impl}, symbolic batch)')
+  if 'onnx' in exports:
+    files[ONNX_FILE] = onnx_export.to_onnx(run_model, deploy_variables, num_classes, channels)
+    try:
+      onnx_error = onnx_export.verify_onnx(files[ONNX_FILE], run_model, deploy_variables,
+                                           image_size, channels)
+    except onnx_export.OnnxVerificationError as e:
+      raise ConversionError(f'{e}; nothing written') from None
+    metadata['onnx'] = {'file': ONNX_FILE, 'opset': onnx_export.DEFAULT_OPSET,
+                        'input': ['batch', channels, 'height', 'width'],
+                        'relative_error': onnx_error}
+    log(f'exported {len(files[ONNX_FILE]) / 2**20:.1f} MiB (onnx, opset '
+        f'{onnx_export.DEFAULT_OPSET}, NCHW); onnxruntime vs JAX: relative error '
+        f'{onnx_error:.2e}')
   checkpoint.save_variables(output, deploy_variables, metadata, overwrite, files)
   log(f'wrote {output}')
   return metadata

@@ -14,6 +14,8 @@ from typing import Any, Callable, Optional, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from repvgg_jax.blocks import ConvBN, ModuleDef, RepVGGBlock, batch_norm
 from repvgg_jax.convolution import DEFAULT_KERNEL_INIT, ConvLayer, check_conv_impl, conv_layer
@@ -184,6 +186,28 @@ def variable_shapes(model: nn.Module, channels: int = 3) -> dict[str, Any]:
   computed. Shapes do not depend on the input size, so the smallest input is used."""
   x = jax.ShapeDtypeStruct((1, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE, channels), jnp.float32)
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+
+
+def check_variables(variables: Any, name: str, num_classes: int, deploy: bool,
+                    channels: int = 3) -> None:
+  """Raise a one-line ValueError naming (up to three of) the leaves that
+  ``create_model(name, num_classes, deploy=deploy)`` for ``channels`` input channels does
+  not have with this shape: missing, unexpected or misshapen."""
+  expected = variable_shapes(create_model(name, num_classes, deploy=deploy), channels)
+  want = {path: tuple(leaf.shape)
+          for path, leaf in traverse_util.flatten_dict(expected, sep='/').items()
+          if path.split('/')[0] in ('params', 'batch_stats')}
+  got = {path: tuple(np.shape(leaf))
+         for path, leaf in traverse_util.flatten_dict(dict(variables), sep='/').items()}
+  problems = ([f'{k} missing' for k in want if k not in got]
+              + [f'{k} unexpected' for k in got if k not in want]
+              + [f'{k} has shape {got[k]}, expected {want[k]}'
+                 for k in want if k in got and got[k] != want[k]])
+  if problems:
+    more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
+    raise ValueError(f'not a {"deploy" if deploy else "training-time"} {name} with '
+                     f'{num_classes} classes and {channels} input channels: '
+                     f'{"; ".join(problems[:3])}{more}')
 
 
 def count_params(tree: Any) -> int:

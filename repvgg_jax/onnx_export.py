@@ -37,8 +37,11 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import jax
 import numpy as np
+from flax import traverse_util
 
-import repvgg_jax as rv
+from repvgg_jax.equivalence import TOLERANCE, relative_error
+from repvgg_jax.models import check_variables, create_model
+from repvgg_jax.variants import get_variant, layer_specs
 
 if TYPE_CHECKING:
   import onnx
@@ -47,9 +50,6 @@ DEFAULT_OPSET = 17
 # Conv, Relu, Sigmoid, Mul, GlobalAveragePool, Flatten and Gemm all have their present
 # semantics from opset 11 on (later versions only add types, e.g. bfloat16).
 MIN_OPSET = 11
-# The bar of verify_onnx: relative L2 error of the ONNX output against the JAX deploy
-# model's, both float32 (different convolution algorithms round differently, ~1e-7).
-TOLERANCE = 1e-5
 
 
 class OnnxVerificationError(ValueError):
@@ -74,59 +74,21 @@ def _import_onnxruntime() -> Any:
   return onnxruntime
 
 
-def _block_name(stage: str, index: int) -> str:
-  # Flax names the stem 'stage0' and the members of a stage's list '<stage>_<index>'.
-  return stage if stage == 'stage0' else f'{stage}_{index}'
-
-
-def _expected_shapes(model_name: str, num_classes: int, channels: int
-                     ) -> dict[str, tuple[int, ...]]:
-  """Shape of every leaf of the deploy tree of ``model_name``, by '/'-joined path under
-  ``params``."""
-  variant = rv.get_variant(model_name)
-  shapes, in_channels = {}, channels
-  for spec in rv.layer_specs(variant):
-    block, out = _block_name(spec.stage, spec.index), spec.features
-    shapes[f'{block}/reparam_conv/kernel'] = (3, 3, in_channels // spec.groups, out)
-    shapes[f'{block}/reparam_conv/bias'] = (out,)
-    if variant.se:
-      squeezed = out // variant.se_reduction
-      shapes.update({f'{block}/se/down/kernel': (out, squeezed),
-                     f'{block}/se/down/bias': (squeezed,),
-                     f'{block}/se/up/kernel': (squeezed, out),
-                     f'{block}/se/up/bias': (out,)})
-    in_channels = out
-  if num_classes:
-    shapes['linear/kernel'] = (in_channels, num_classes)
-    shapes['linear/bias'] = (num_classes,)
-  return shapes
-
-
-def _leaves(tree: Mapping, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    path = f'{prefix}{key}'
-    if isinstance(value, Mapping):
-      out.update(_leaves(value, path + '/'))
-    else:
-      out[path] = value
-  return out
-
-
 def check_deploy_variables(model_name: str, deploy_variables: Any,
                            num_classes: Optional[int] = None, channels: int = 3) -> int:
   """Raise a one-line ValueError unless ``deploy_variables`` is the deploy tree of
   ``model_name`` for ``channels`` input channels; returns its number of classes
   (inferred from ``params/linear`` when ``num_classes`` is None, 0 without a
   classifier)."""
-  variant = rv.get_variant(model_name)  # a ValueError listing the valid names
+  get_variant(model_name)  # a ValueError listing the valid names
   if not isinstance(deploy_variables, Mapping) or 'params' not in deploy_variables:
     got = (f'keys {sorted(deploy_variables)}' if isinstance(deploy_variables, Mapping)
            else type(deploy_variables).__name__)
     raise ValueError(f"expected the deploy variables {{'params': ...}} of {model_name}, "
                      f'got {got}')
   params = deploy_variables['params']
-  leaves = _leaves(params) if isinstance(params, Mapping) else {}
+  leaves = traverse_util.flatten_dict(dict(params), sep='/') if isinstance(
+      params, Mapping) else {}
   if 'batch_stats' in deploy_variables or any(
       '/conv3x3/' in path or '/conv1x1/' in path for path in leaves):
     raise ValueError(f'got a training-time tree of {model_name} (it holds batch_stats or '
@@ -145,16 +107,7 @@ def check_deploy_variables(model_name: str, deploy_variables: Any,
                        'rv.reparameterize, before winograd.transform_kernels')
   if num_classes is None:
     num_classes = int(np.shape(leaves['linear/kernel'])[-1]) if 'linear/kernel' in leaves else 0
-  want = _expected_shapes(model_name, num_classes, channels)
-  got = {path: tuple(np.shape(leaf)) for path, leaf in leaves.items()}
-  problems = ([f'{k} missing' for k in want if k not in got]
-              + [f'{k} unexpected' for k in got if k not in want]
-              + [f'{k} has shape {got[k]}, expected {want[k]}'
-                 for k in want if k in got and got[k] != want[k]])
-  if problems:
-    more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
-    raise ValueError(f'not the deploy tree of {model_name} with {num_classes} classes and '
-                     f'{channels} input channels: {"; ".join(problems[:3])}{more}')
+  check_variables(deploy_variables, model_name, num_classes, deploy=True, channels=channels)
   return num_classes
 
 
@@ -184,7 +137,7 @@ def to_onnx(model_name: str, deploy_variables: Any, num_classes: Optional[int] =
   newest = onnx.defs.onnx_opset_version()
   if not MIN_OPSET <= opset <= newest:
     raise ValueError(f'opset {opset} not supported: accepted {MIN_OPSET} to {newest}')
-  variant = rv.get_variant(model_name)
+  variant = get_variant(model_name)
   num_classes = check_deploy_variables(model_name, deploy_variables, num_classes, channels)
   params = deploy_variables['params']
   nodes, weights = [], {}
@@ -209,8 +162,8 @@ def to_onnx(model_name: str, deploy_variables: Any, num_classes: Optional[int] =
     return node('Mul', [x, s], f'{block}.se')
 
   x = 'images'
-  for spec in rv.layer_specs(variant):
-    block = _block_name(spec.stage, spec.index)
+  for spec in layer_specs(variant):
+    block = spec.module_name
     conv = params[block]['reparam_conv']
     # Flax's HWIO kernel -> ONNX's OIHW; both group the output channels the same way.
     kernel = np.transpose(np.asarray(conv['kernel']), (3, 2, 0, 1))
@@ -240,7 +193,7 @@ def to_onnx(model_name: str, deploy_variables: Any, num_classes: Optional[int] =
   opsets = [helper.make_opsetid('', opset)]
   model = helper.make_model(
       graph, opset_imports=opsets, producer_name='repvgg-jax',
-      producer_version=rv.__version__, ir_version=helper.find_min_ir_version_for(opsets),
+      ir_version=helper.find_min_ir_version_for(opsets),
       doc_string=f'{model_name} deploy structure, NCHW float32 input, exported by '
                  'repvgg_jax.onnx_export')
   # Written into the model's own graph: make_graph and make_model copy what they get,
@@ -254,15 +207,10 @@ def to_onnx(model_name: str, deploy_variables: Any, num_classes: Optional[int] =
   return serialized
 
 
-def _relative_error(output: np.ndarray, reference: np.ndarray) -> float:
-  output, reference = np.asarray(output, np.float64), np.asarray(reference, np.float64)
-  return float(np.linalg.norm(output - reference) / np.linalg.norm(reference))
-
-
 @functools.lru_cache(maxsize=8)
 def _jax_forward(model_name: str, num_classes: int) -> Any:
   # One compiled function per model, for repeated verifications in one process.
-  net = rv.create_model(model_name, num_classes, deploy=True, precision='highest')
+  net = create_model(model_name, num_classes, deploy=True, precision='highest')
   return jax.jit(net.apply)
 
 
@@ -301,7 +249,7 @@ def verify_onnx(model: Union[bytes, onnx.ModelProto], model_name: str,
       raise OnnxVerificationError(
           f'ONNX output has shape {output.shape} at batch {batch}, the JAX deploy model '
           f'{reference[:batch].shape}')
-    worst = max(worst, _relative_error(output, reference[:batch]))
+    worst = max(worst, relative_error(output, reference[:batch]))
   if worst > tolerance:
     raise OnnxVerificationError(
         f'ONNX output of {model_name} differs from the JAX deploy model by {worst:.3g} '

@@ -95,6 +95,22 @@ def test_stablehlo_export_runs_with_only_jax_at_any_batch_size(run, converted, t
     assert relative_error(out, train_logits(states[7], x)) < 1e-5
 
 
+def test_onnx_export_is_written_verified_and_runs_in_onnxruntime(run, tmp_path):
+  ort = pytest.importorskip('onnxruntime')
+  workdir, states = run
+  output = tmp_path / 'deploy'
+  assert convert.main(['deploy', '--workdir', workdir, '--output', str(output),
+                       '--export', 'onnx']) == 0
+  info = checkpoint.load_variables(str(output))[1]['onnx']
+  assert info['input'] == ['batch', CHANNELS, 'height', 'width'] and info['opset'] == 17
+  assert info['relative_error'] < 1e-5
+  session = ort.InferenceSession(str(output / conversion.ONNX_FILE),
+                                 providers=['CPUExecutionProvider'])
+  x = np.random.default_rng(0).normal(size=(2, SIZE, SIZE, CHANNELS)).astype(np.float32)
+  out, = session.run(None, {'images': x.transpose(0, 3, 1, 2)})
+  assert relative_error(out, train_logits(states[7], x)) < 1e-5
+
+
 def test_load_deploy_runs_the_fastest_cpu_path_within_the_bar(run, converted):
   _, states = run
   forward, metadata = conversion.load_deploy(converted)
