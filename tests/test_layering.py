@@ -22,6 +22,7 @@ LAYERS = [
     ['training.steps'],
     ['training.parallel', 'training.state'],
     ['training.compilation', 'training.metrics'],
+    ['evaluation'],
     ['training.trainer'],
 ]
 LAYER = {module: i for i, layer in enumerate(LAYERS) for module in layer}

@@ -108,10 +108,15 @@ def train_step(state: Tree, batch: dict[str, jax.Array], base_rng: jax.Array, *,
 
 def eval_step(variables: Tree, batch: dict[str, jax.Array], *, model: nn.Module
               ) -> dict[str, jax.Array]:
-  """Sums over the real (``mask`` 1) examples of the batch, over all replicas."""
+  """Sums over the real (``mask`` 1) examples of the batch, over all replicas: the loss,
+  the top-1 and top-5 hits (``correct``, ``correct_top5``) and the ``count``."""
   logits = model.apply(variables, batch['image'])
   mask = batch['mask']
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
-  correct = jnp.argmax(logits, -1) == batch['label']
+  labels = batch['label']
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = jnp.argmax(logits, -1) == labels
+  top5 = lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  correct_top5 = jnp.any(top5 == labels[:, None], axis=-1)
   return lax.psum({'loss': jnp.sum(loss * mask), 'correct': jnp.sum(correct * mask),
-                   'count': jnp.sum(mask)}, AXIS)
+                   'correct_top5': jnp.sum(correct_top5 * mask), 'count': jnp.sum(mask)},
+                  AXIS)

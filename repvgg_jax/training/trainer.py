@@ -25,12 +25,13 @@ import json
 import math
 import os
 import signal
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 
 from repvgg_jax import checkpoint, input_pipeline
+from repvgg_jax.evaluation import evaluate
 from repvgg_jax.convolution import check_conv_impl
 from repvgg_jax.models import DTYPES
 from repvgg_jax.reparam import reparameterize
@@ -82,20 +83,6 @@ def step_options(config: Any, num_classes: int) -> StepOptions:
       mixup_alpha=config.mixup_alpha, weight_decay=config.weight_decay,
       custom_l2=config.custom_l2, aux_loss_weight=config.aux_loss_weight,
       ema_decay=config.ema_decay)
-
-
-def evaluate(p_eval: Callable, variables: Tree, batches: Iterator[dict[str, np.ndarray]],
-             devices: int) -> dict[str, float]:
-  """Loss and accuracy over every example of the evaluation split."""
-  totals = None
-  for batch in batches:
-    sums = p_eval(variables, parallel.shard(batch, devices))
-    sums = {k: float(v[0]) for k, v in sums.items()}
-    totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
-  if not totals or not totals['count']:
-    raise TrainingError('the evaluation split is empty')
-  return {'loss': totals['loss'] / totals['count'],
-          'accuracy': totals['correct'] / totals['count']}
 
 
 def _check_workdir(workdir: str, model: str, num_classes: int) -> None:
