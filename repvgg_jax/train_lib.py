@@ -6,7 +6,7 @@ on several hosts (``jax.distributed.initialize``) the same axis spans every devi
 every process, BatchNorm statistics and gradients are averaged over all of them.
 
 Determinism. The global batch of step ``s`` is a function of (dataset, seed, s) only (see
-``input_pipeline``), the step's random numbers are ``fold_in(PRNGKey(seed), s)`` and mixup
+``repvgg_jax.data``), the step's random numbers are ``fold_in(PRNGKey(seed), s)`` and mixup
 pairs neighbouring rows, so neither depends on how the batch is split over devices or
 processes: 1 device, 4 devices and 2 processes x 2 devices give the same losses, and a run
 restarted from its last checkpoint ends exactly where an uninterrupted one does.
@@ -488,11 +488,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   the deploy variables; returns the final summary (also printed as a table)."""
   import orbax.checkpoint as ocp
 
-  from repvgg_jax import input_pipeline
+  from repvgg_jax import data
 
   check_config(config)
   workdir = os.path.abspath(workdir)
-  info = input_pipeline.dataset_info(config.dataset, config.data_dir or None)
+  info = data.dataset_info(config.dataset, config.data_dir or None)
   process, processes = jax.process_index(), jax.process_count()
   devices = jax.local_device_count()
   lead = process == 0
@@ -541,7 +541,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   base_rng = jax.random.PRNGKey(config.seed)
 
   def eval_batches():
-    return input_pipeline.eval_batches(
+    return data.eval_batches(
         config.dataset, global_batch_size=config.eval_batch_size or config.batch_size,
         image_size=config.image_size, process_index=process, process_count=processes,
         data_dir=config.data_dir or None, crop_fraction=config.crop_fraction)
@@ -560,7 +560,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   last_saved, stopped_early = start_step, False
   try:
     if start_step < total_steps:
-      batches = input_pipeline.train_batches(
+      batches = data.train_batches(
           config.dataset, global_batch_size=config.batch_size, image_size=config.image_size,
           seed=config.seed, start_step=start_step, process_index=process,
           process_count=processes, data_dir=config.data_dir or None, augment=config.augment,

@@ -4,13 +4,16 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from repvgg_jax import autoaugment
-from repvgg_jax import input_pipeline as ip
+from repvgg_jax import data
+from repvgg_jax.checkpoint import IMAGENET_MEAN
+from repvgg_jax.data import batching, fashion_mnist, memory, randomness, transforms
 
 needs_fashion_mnist = pytest.mark.skipif(
-    not ip.debian_fashion_mnist_present(),
-    reason=f'Debian Fashion-MNIST files not in {ip.DEBIAN_FASHION_MNIST_DIR}')
+    not data.debian_fashion_mnist_present(),
+    reason=f'Debian Fashion-MNIST files not in {fashion_mnist.DEBIAN_FASHION_MNIST_DIR}')
 
 
 def take(batches, count):
@@ -28,7 +31,7 @@ def pixels(batch_images, info):
 
 @needs_fashion_mnist
 def test_fashion_mnist_info_matches_the_dataset():
-  info = ip.dataset_info('fashion_mnist')
+  info = data.dataset_info('fashion_mnist')
   assert (info.num_classes, info.num_train, info.num_eval, info.channels) == (10, 60000, 10000, 1)
   # Fashion-MNIST's well-known pixel statistics: mean 0.2860, std 0.3530 of 255.
   np.testing.assert_allclose(info.mean, [0.2860 * 255], rtol=1e-3)
@@ -38,8 +41,8 @@ def test_fashion_mnist_info_matches_the_dataset():
 @needs_fashion_mnist
 @pytest.mark.parametrize('augment', ['simple', 'autoaugment'])
 def test_train_batches_have_the_promised_shapes_and_ranges(augment):
-  info = ip.dataset_info('fashion_mnist')
-  batch = next(ip.train_batches('fashion_mnist', global_batch_size=16, image_size=32, seed=0,
+  info = data.dataset_info('fashion_mnist')
+  batch = next(data.train_batches('fashion_mnist', global_batch_size=16, image_size=32, seed=0,
                                 augment=augment))
   assert set(batch) == {'image', 'label'}
   assert batch['image'].shape == (16, 32, 32, 1) and batch['image'].dtype == np.float32
@@ -54,11 +57,11 @@ def test_train_batches_have_the_promised_shapes_and_ranges(augment):
 @pytest.mark.parametrize('augment', ['simple', 'crop'])
 def test_whole_image_crops_are_the_shuffled_training_images_mirrored_half_the_time(augment):
   # 'simple' mirrors about half of them; 'crop' none.
-  info = ip.dataset_info('fashion_mnist')
-  source = ip._load('fashion_mnist', None)
-  batch = next(ip.train_batches('fashion_mnist', global_batch_size=64, image_size=28, seed=0,
+  info = data.dataset_info('fashion_mnist')
+  source = data.load('fashion_mnist', None)
+  batch = next(data.train_batches('fashion_mnist', global_batch_size=64, image_size=28, seed=0,
                                 min_crop_scale=1.0, augment=augment))
-  examples = ip._EpochPermutations(0, info.num_train).examples(np.arange(64))
+  examples = randomness.EpochPermutations(0, info.num_train).examples(np.arange(64))
   originals = source.train_images.images[examples]
   images = pixels(batch['image'], info)
   same = np.isclose(images, originals, atol=1e-3).all(axis=(1, 2, 3))
@@ -74,21 +77,21 @@ def test_whole_image_crops_are_the_shuffled_training_images_mirrored_half_the_ti
 @needs_fashion_mnist
 def test_start_step_resumes_exactly_where_stepping_gets():
   kwargs = dict(global_batch_size=8, image_size=24, seed=3, augment='autoaugment')
-  stepped = take(ip.train_batches('fashion_mnist', **kwargs), 4)
-  resumed = take(ip.train_batches('fashion_mnist', start_step=2, **kwargs), 2)
+  stepped = take(data.train_batches('fashion_mnist', **kwargs), 4)
+  resumed = take(data.train_batches('fashion_mnist', start_step=2, **kwargs), 2)
   for a, b in zip(stepped[2:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
   assert not np.array_equal(stepped[0]['image'], stepped[1]['image'])
-  other_seed = next(ip.train_batches('fashion_mnist', **{**kwargs, 'seed': 4}))
+  other_seed = next(data.train_batches('fashion_mnist', **{**kwargs, 'seed': 4}))
   assert not np.array_equal(other_seed['image'], stepped[0]['image'])
 
 
 @needs_fashion_mnist
 def test_processes_receive_their_rows_of_the_global_batch():
   kwargs = dict(global_batch_size=8, image_size=24, seed=0, start_step=5)
-  whole = next(ip.train_batches('fashion_mnist', **kwargs))
-  halves = [next(ip.train_batches('fashion_mnist', process_index=p, process_count=2, **kwargs))
+  whole = next(data.train_batches('fashion_mnist', **kwargs))
+  halves = [next(data.train_batches('fashion_mnist', process_index=p, process_count=2, **kwargs))
             for p in range(2)]
   for key in ('image', 'label'):
     np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])
@@ -97,40 +100,40 @@ def test_processes_receive_their_rows_of_the_global_batch():
 @needs_fashion_mnist
 def test_batches_do_not_depend_on_the_number_of_augmentation_threads(monkeypatch):
   kwargs = dict(global_batch_size=10, image_size=20, seed=0, augment='autoaugment')
-  monkeypatch.setattr(ip, 'AUGMENT_THREADS', 1)
-  one = take(ip.train_batches('fashion_mnist', **kwargs), 2)
-  evaluated_by_one = next(ip.eval_batches('fashion_mnist', global_batch_size=10, image_size=20))
-  monkeypatch.setattr(ip, 'AUGMENT_THREADS', 3)
-  ip._augment_pool.cache_clear()
-  three = take(ip.train_batches('fashion_mnist', **kwargs), 2)
-  evaluated_by_three = next(ip.eval_batches('fashion_mnist', global_batch_size=10,
+  monkeypatch.setattr(batching, 'AUGMENT_THREADS', 1)
+  one = take(data.train_batches('fashion_mnist', **kwargs), 2)
+  evaluated_by_one = next(data.eval_batches('fashion_mnist', global_batch_size=10, image_size=20))
+  monkeypatch.setattr(batching, 'AUGMENT_THREADS', 3)
+  batching.augment_pool.cache_clear()
+  three = take(data.train_batches('fashion_mnist', **kwargs), 2)
+  evaluated_by_three = next(data.eval_batches('fashion_mnist', global_batch_size=10,
                                             image_size=20))
-  ip._augment_pool.cache_clear()
+  batching.augment_pool.cache_clear()
   for a, b in zip(one + [evaluated_by_one], three + [evaluated_by_three]):
     np.testing.assert_array_equal(a['image'], b['image'])
 
 
 def test_each_epoch_visits_every_training_example_once_in_a_new_order():
-  order = ip._EpochPermutations(seed=0, size=1000)
+  order = randomness.EpochPermutations(seed=0, size=1000)
   stream = order.examples(np.arange(3000))  # what consecutive batches read
   epochs = stream.reshape(3, 1000)
   for epoch in epochs:
     np.testing.assert_array_equal(np.sort(epoch), np.arange(1000))
   assert not np.array_equal(epochs[0], epochs[1])
   # A batch straddling two epochs reads the end of one and the start of the next.
-  np.testing.assert_array_equal(ip._EpochPermutations(0, 1000).examples(np.arange(995, 1005)),
+  np.testing.assert_array_equal(randomness.EpochPermutations(0, 1000).examples(np.arange(995, 1005)),
                                 stream[995:1005])
 
 
 @needs_fashion_mnist
 def test_eval_with_full_crop_at_native_size_returns_the_test_images():
-  info = ip.dataset_info('fashion_mnist')
-  batches = list(ip.eval_batches('fashion_mnist', global_batch_size=4096, image_size=28,
+  info = data.dataset_info('fashion_mnist')
+  batches = list(data.eval_batches('fashion_mnist', global_batch_size=4096, image_size=28,
                                  crop_fraction=1.0))
   assert [len(b['label']) for b in batches] == [4096] * 3
   mask = np.concatenate([b['mask'] for b in batches])
   assert mask.sum() == info.num_eval and mask[:info.num_eval].all()
-  source = ip._load('fashion_mnist', None)
+  source = data.load('fashion_mnist', None)
   images = pixels(np.concatenate([b['image'] for b in batches])[:info.num_eval], info)
   np.testing.assert_allclose(images, source.eval_images.images, atol=1e-3)
   np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches])[:info.num_eval],
@@ -139,21 +142,21 @@ def test_eval_with_full_crop_at_native_size_returns_the_test_images():
 
 @needs_fashion_mnist
 def test_eval_resizes_then_centre_crops():
-  batch = next(ip.eval_batches('fashion_mnist', global_batch_size=2, image_size=14))
+  batch = next(data.eval_batches('fashion_mnist', global_batch_size=2, image_size=14))
   assert batch['image'].shape == (2, 14, 14, 1)
   # 28 -> 16 (= 14 / 0.875) -> centre 14: a 1-pixel border of the resized image goes.
-  assert ip.centre_crop_geometry(28, 28, 14, 0.875) == (16, 16, 1, 1)
-  assert ip.centre_crop_geometry(300, 400, 224, 0.875) == (256, 341, 16, 58)
+  assert transforms.centre_crop_geometry(28, 28, 14, 0.875) == (16, 16, 1, 1)
+  assert transforms.centre_crop_geometry(300, 400, 224, 0.875) == (256, 341, 16, 58)
 
 
 # ------------------------------------------------------------------------------------------
 # A folder of class sub-folders.
 
 
-def write_image(path, array):
-  tf = ip._tensorflow()  # TensorFlow as the pipeline loads it (triton first)
+def write_image(path, array, **options):
+  """``array`` saved to ``path`` (PNG, JPEG, ... by its extension) with Pillow."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tf.io.write_file(path, tf.io.encode_png(array))
+  Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path, **options)
 
 
 @pytest.fixture(scope='module')
@@ -173,26 +176,26 @@ def image_folder(tmp_path_factory):
 
 
 def test_folder_info(image_folder):
-  info = ip.dataset_info(image_folder)
+  info = data.dataset_info(image_folder)
   assert (info.num_classes, info.num_train, info.num_eval, info.channels) == (3, 9, 7, 3)
 
 
 def test_folder_train_batches_are_deterministic_and_split_by_process(image_folder):
   kwargs = dict(global_batch_size=4, image_size=16, seed=1)
-  stepped = take(ip.train_batches(image_folder, **kwargs), 3)
-  resumed = next(ip.train_batches(image_folder, start_step=2, **kwargs))
+  stepped = take(data.train_batches(image_folder, **kwargs), 3)
+  resumed = next(data.train_batches(image_folder, start_step=2, **kwargs))
   np.testing.assert_array_equal(stepped[2]['image'], resumed['image'])
-  halves = [next(ip.train_batches(image_folder, start_step=2, process_index=p,
+  halves = [next(data.train_batches(image_folder, start_step=2, process_index=p,
                                   process_count=2, **kwargs)) for p in range(2)]
   np.testing.assert_array_equal(np.concatenate([h['image'] for h in halves]), resumed['image'])
   assert resumed['image'].shape == (4, 16, 16, 3)
 
 
 def test_folder_eval_covers_every_example_once_across_processes(image_folder):
-  info = ip.dataset_info(image_folder)
+  info = data.dataset_info(image_folder)
   seen, padding = [], 0
   for process in range(2):
-    batches = list(ip.eval_batches(image_folder, global_batch_size=4, image_size=8,
+    batches = list(data.eval_batches(image_folder, global_batch_size=4, image_size=8,
                                    process_index=process, process_count=2))
     assert len(batches) == 2  # ceil(7 / 4) on every process
     for batch in batches:
@@ -211,7 +214,7 @@ def test_empty_folder_is_a_clear_error(tmp_path):
     (tmp_path / split / 'cat').mkdir(parents=True)
   (tmp_path / 'train' / 'cat' / 'notes.txt').write_text('not an image')
   with pytest.raises(ValueError, match='holds no images'):
-    ip.dataset_info(f'folder:{tmp_path}')
+    data.dataset_info(f'folder:{tmp_path}')
 
 
 # ------------------------------------------------------------------------------------------
@@ -222,7 +225,7 @@ def test_empty_folder_is_a_clear_error(tmp_path):
 def tiny_tfds(tmp_path_factory):
   """A prepared TFDS dataset of JPEGs of assorted sizes, as ImageNet is: 24 train examples,
   5 test examples labelled 0..4 (one per class)."""
-  ip._tensorflow()  # TensorFlow as the pipeline loads it (triton first)
+  data.tfds.tensorflow()  # TensorFlow as the pipeline loads it (triton first)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   class TinyJpegImages(tfds.core.GeneratorBasedBuilder):
@@ -254,19 +257,19 @@ def tiny_tfds(tmp_path_factory):
 @pytest.fixture
 def streamed(monkeypatch):
   """TFDS datasets are streamed with tf.data, as if too big for memory."""
-  ip._load.cache_clear()
-  monkeypatch.setattr(ip, 'IN_MEMORY_LIMIT_BYTES', 0)
+  data.load.cache_clear()
+  monkeypatch.setattr(data.tfds, 'IN_MEMORY_LIMIT_BYTES', 0)
   yield
-  ip._load.cache_clear()
+  data.load.cache_clear()
 
 
 def test_small_tfds_dataset_is_held_in_memory(tiny_tfds):
   dataset, data_dir = tiny_tfds
-  ip._load.cache_clear()
-  assert isinstance(ip._load(dataset, data_dir), ip._InMemory)
-  info = ip.dataset_info(dataset, data_dir)
+  data.load.cache_clear()
+  assert isinstance(data.load(dataset, data_dir), memory.InMemory)
+  info = data.dataset_info(dataset, data_dir)
   assert (info.num_classes, info.num_train, info.num_eval, info.channels) == (5, 24, 5, 3)
-  batch = next(ip.train_batches(dataset, global_batch_size=4, image_size=12, seed=0,
+  batch = next(data.train_batches(dataset, global_batch_size=4, image_size=12, seed=0,
                                 data_dir=data_dir))
   assert batch['image'].shape == (4, 12, 12, 3)
 
@@ -277,15 +280,15 @@ def test_streamed_and_in_memory_evaluation_agree(tiny_tfds, monkeypatch):
   dataset, data_dir = tiny_tfds
   kwargs = dict(global_batch_size=8, image_size=12, data_dir=data_dir, crop_fraction=0.8)
   evaluations = []
-  for limit in (ip.IN_MEMORY_LIMIT_BYTES, 0):
-    monkeypatch.setattr(ip, 'IN_MEMORY_LIMIT_BYTES', limit)
-    ip._load.cache_clear()
+  for limit in (data.tfds.IN_MEMORY_LIMIT_BYTES, 0):
+    monkeypatch.setattr(data.tfds, 'IN_MEMORY_LIMIT_BYTES', limit)
+    data.load.cache_clear()
     # Each is normalized with its own statistics (streamed: ImageNet's).
-    evaluations.append((next(ip.eval_batches(dataset, **kwargs)),
-                        ip.dataset_info(dataset, data_dir)))
-  ip._load.cache_clear()
+    evaluations.append((next(data.eval_batches(dataset, **kwargs)),
+                        data.dataset_info(dataset, data_dir)))
+  data.load.cache_clear()
   (in_memory, in_memory_info), (streamed, streamed_info) = evaluations
-  assert streamed_info.mean == ip.IMAGENET_MEAN != in_memory_info.mean
+  assert streamed_info.mean == IMAGENET_MEAN != in_memory_info.mean
   np.testing.assert_array_equal(streamed['mask'], in_memory['mask'])
   np.testing.assert_array_equal(streamed['label'], in_memory['label'])
   real = in_memory['mask'] == 1
@@ -295,12 +298,12 @@ def test_streamed_and_in_memory_evaluation_agree(tiny_tfds, monkeypatch):
 
 def test_streamed_tfds_dataset_resumes_exactly(tiny_tfds, streamed):
   dataset, data_dir = tiny_tfds
-  info = ip.dataset_info(dataset, data_dir)
+  info = data.dataset_info(dataset, data_dir)
   assert (info.num_classes, info.num_train, info.num_eval, info.channels) == (5, 24, 5, 3)
   kwargs = dict(global_batch_size=4, image_size=12, seed=0, data_dir=data_dir,
                 process_count=2, process_index=1)
-  stepped = take(ip.train_batches(dataset, **kwargs), 8)  # 3 steps per epoch: crosses two
-  resumed = take(ip.train_batches(dataset, start_step=5, **kwargs), 3)
+  stepped = take(data.train_batches(dataset, **kwargs), 8)  # 3 steps per epoch: crosses two
+  resumed = take(data.train_batches(dataset, start_step=5, **kwargs), 3)
   for a, b in zip(stepped[5:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
@@ -312,7 +315,7 @@ def test_streamed_tfds_eval_covers_every_example_once(tiny_tfds, streamed):
   dataset, data_dir = tiny_tfds
   labels = []
   for process in range(2):
-    batches = list(ip.eval_batches(dataset, global_batch_size=4, image_size=12,
+    batches = list(data.eval_batches(dataset, global_batch_size=4, image_size=12,
                                    process_index=process, process_count=2,
                                    data_dir=data_dir))
     assert len(batches) == 2  # ceil(ceil(5 / 2) / 2) on every process
@@ -325,7 +328,7 @@ def test_streamed_tfds_eval_covers_every_example_once(tiny_tfds, streamed):
 
 def test_imagenet_not_prepared_says_how_to_build_it(tmp_path):
   with pytest.raises(ValueError) as error:
-    ip.dataset_info('imagenet2012', data_dir=str(tmp_path))
+    data.dataset_info('imagenet2012', data_dir=str(tmp_path))
   message = str(error.value)
   assert os.path.join(str(tmp_path), 'downloads', 'manual') in message
   assert 'ILSVRC2012_img_train.tar' in message and 'ILSVRC2012_img_val.tar' in message
@@ -339,15 +342,15 @@ def test_imagenet_not_prepared_says_how_to_build_it(tmp_path):
 @pytest.mark.parametrize('dataset', ['tfds:no_such_dataset_xyz', 'mnits:typo', ''])
 def test_unknown_dataset_lists_what_is_accepted(dataset):
   with pytest.raises(ValueError, match='folder:/path/to/root'):
-    ip.dataset_info(dataset)
+    data.dataset_info(dataset)
 
 
 def test_batch_must_divide_among_processes():
   with pytest.raises(ValueError, match='not divisible by the number of processes 3'):
-    ip.train_batches('fashion_mnist', global_batch_size=8, image_size=8, seed=0,
+    data.train_batches('fashion_mnist', global_batch_size=8, image_size=8, seed=0,
                      process_count=3)
   with pytest.raises(ValueError, match='not divisible'):
-    ip.eval_batches('fashion_mnist', global_batch_size=8, image_size=8, process_count=3)
+    data.eval_batches('fashion_mnist', global_batch_size=8, image_size=8, process_count=3)
 
 
 # ------------------------------------------------------------------------------------------
@@ -355,9 +358,9 @@ def test_batch_must_divide_among_processes():
 
 
 def test_random_resized_crops_stay_inside_and_respect_scale_and_ratio():
-  draws = ip.train_draws(0, 0, np.arange(2000))
+  draws = randomness.train_draws(0, 0, np.arange(2000))
   heights, widths = np.full(2000, 300), np.full(2000, 200)
-  top, left, height, width = ip.random_resized_crop_boxes(draws, heights, widths, 0.08)
+  top, left, height, width = transforms.random_resized_crop_boxes(draws, heights, widths, 0.08)
   assert (top >= 0).all() and (left >= 0).all()
   assert (top + height <= 300).all() and (left + width <= 200).all()
   area = height * width / (300 * 200)

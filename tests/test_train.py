@@ -22,12 +22,12 @@ import pytest
 
 import repvgg_jax as rv
 from repvgg_jax import checkpoint as ckpt
-from repvgg_jax import input_pipeline, train_lib
+from repvgg_jax import data, train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 
-pytestmark = pytest.mark.skipif(not input_pipeline.debian_fashion_mnist_present(),
+pytestmark = pytest.mark.skipif(not data.debian_fashion_mnist_present(),
                                 reason='needs the Debian Fashion-MNIST files')
 
 # Runs train.py on the tiny model. With SIGNAL_AFTER_FIRST_CHECKPOINT=KILL (or TERM) the

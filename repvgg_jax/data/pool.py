@@ -1,0 +1,95 @@
+"""Worker processes that compute the rows of batches into shared memory: the trainer's
+process only plans the batches (which files, which random draws) and copies each finished
+batch out, so per-example Python (decoding, cropping) never runs under its GIL.
+
+Each batch is cut into one chunk of rows per worker; a chunk's rows depend only on its
+task, so the number of workers changes nothing in the batches. A worker that raises hands
+its error to the consumer (a file's ``UnreadableImageError`` names the file); a worker that
+dies breaks the pool with an error rather than a hang.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import multiprocessing
+import os
+from multiprocessing import shared_memory
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+# Decoding processes: every core (the trainer's thread mostly waits on the accelerator).
+WORKERS = max(1, min(16, os.cpu_count() or 1))
+# Batches computed ahead: enough that the workers always have a queued chunk.
+DEPTH = 3
+
+# In a worker: the batch slots in shared memory (set by _attach).
+_shared = None
+_slots = None
+
+
+def _attach(name: str, shape: tuple[int, ...]) -> None:
+  global _shared, _slots
+  _shared = shared_memory.SharedMemory(name=name)
+  _slots = np.ndarray(shape, np.float32, buffer=_shared.buf)
+
+
+def _compute(slot: int, start: int, function: Callable[..., np.ndarray],
+             rows: Sequence) -> None:
+  _slots[slot, start:start + len(rows[0])] = function(*rows)
+
+
+def _context() -> multiprocessing.context.BaseContext:
+  # Not fork: the trainer's process runs JAX's and TensorFlow's threads. The fork server is
+  # started once, with this package imported, so each worker starts in milliseconds.
+  context = multiprocessing.get_context('forkserver')
+  context.set_forkserver_preload(['repvgg_jax.data.folders'])
+  return context
+
+
+def map_batches(tasks: Iterator[tuple[Callable[..., np.ndarray], Sequence[Sequence], Any]],
+                *, rows: int, row_shape: tuple[int, ...],
+                workers: Optional[int] = None) -> Iterator[tuple[np.ndarray, Any]]:
+  """``(function(*columns), payload)`` for each ``(function, columns, payload)`` of
+  ``tasks``, in order: float32 ``[rows, *row_shape]`` batches computed in worker processes
+  (``workers``, default WORKERS), each column cut into row chunks. ``function`` must be
+  picklable (a module-level function or a ``functools.partial`` of one) and return its
+  rows; the payload (labels, masks) stays in this process."""
+  workers = workers or WORKERS
+  shape = (DEPTH, rows) + tuple(row_shape)
+  shared = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)) * 4)
+  slots = np.ndarray(shape, np.float32, buffer=shared.buf)
+  executor = concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=_context(), initializer=_attach, initargs=(shared.name, shape))
+  bounds = np.linspace(0, rows, min(workers, rows) + 1).astype(int)
+  pending: collections.deque = collections.deque()
+  try:
+    tasks = iter(tasks)
+    free_slots = list(range(DEPTH))
+    while True:
+      while free_slots:
+        task = next(tasks, None)
+        if task is None:
+          break
+        function, columns, payload = task
+        slot = free_slots.pop()
+        pending.append((slot, payload, [executor.submit(_compute, slot, lo, function,
+                                               [column[lo:hi] for column in columns])
+                               for lo, hi in zip(bounds[:-1], bounds[1:])]))
+      if not pending:
+        return
+      slot, payload, futures = pending.popleft()
+      for future in futures:
+        future.result()
+      batch = slots[slot].copy()
+      free_slots.append(slot)
+      yield batch, payload
+  finally:
+    for _, _, futures in pending:
+      for future in futures:
+        future.cancel()
+    executor.shutdown(wait=True, cancel_futures=True)
+    del slots
+    shared.close()
+    shared.unlink()
