@@ -1,6 +1,8 @@
 """The input pipeline: deterministic training batches, exact evaluation, clear errors."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +11,9 @@ from PIL import Image
 from repvgg_jax import autoaugment
 from repvgg_jax import data
 from repvgg_jax.checkpoint import IMAGENET_MEAN
-from repvgg_jax.data import batching, fashion_mnist, memory, randomness, transforms
+from repvgg_jax.data import (batching, fashion_mnist, folders, memory, pool, randomness,
+                             transforms)
+from test_imports import BLOCKER, ROOT
 
 needs_fashion_mnist = pytest.mark.skipif(
     not data.debian_fashion_mnist_present(),
@@ -215,6 +219,135 @@ def test_empty_folder_is_a_clear_error(tmp_path):
   (tmp_path / 'train' / 'cat' / 'notes.txt').write_text('not an image')
   with pytest.raises(ValueError, match='holds no images'):
     data.dataset_info(f'folder:{tmp_path}')
+
+
+# ------------------------------------------------------------------------------------------
+# Image folders streamed from their files by worker processes.
+
+
+@pytest.fixture(scope='module')
+def jpeg_folder(tmp_path_factory):
+  """train/: 3 classes x 4 JPEGs of assorted sizes (one grayscale); val/: 5 flat PNGs whose
+  gray level, 10 * k + 5, identifies each example k."""
+  root = tmp_path_factory.mktemp('jpegs')
+  rng = np.random.default_rng(1)
+  for c, name in enumerate(['ant', 'bee', 'cow']):
+    for i, shape in enumerate([(40, 60, 3), (64, 48, 3), (33, 90, 3), (50, 50, 1)]):
+      write_image(str(root / 'train' / name / f'{i}.jpg'),
+                  rng.integers(0, 256, shape, dtype=np.uint8), quality=90)
+  for k in range(5):
+    write_image(str(root / 'val' / ['ant', 'bee', 'cow'][k % 3] / f'{k}.png'),
+                np.full((30 + k, 36, 3), 10 * k + 5, np.uint8))
+  return f'folder:{root}'
+
+
+@pytest.fixture
+def streamed_folders(monkeypatch):
+  """Image folders are streamed, as if too big for memory."""
+  data.load.cache_clear()
+  monkeypatch.setattr(folders, 'IN_MEMORY_LIMIT_BYTES', 0)
+  yield
+  data.load.cache_clear()
+
+
+def test_streamed_folder_batches_are_deterministic_whatever_the_workers(
+    jpeg_folder, streamed_folders, monkeypatch):
+  info = data.dataset_info(jpeg_folder)
+  assert (info.num_classes, info.num_train, info.num_eval, info.channels) == (3, 12, 5, 3)
+  kwargs = dict(global_batch_size=4, image_size=16, seed=2, augment='autoaugment')
+  monkeypatch.setattr(pool, 'WORKERS', 1)
+  stepped = take(data.train_batches(jpeg_folder, **kwargs), 4)  # 3 steps per epoch
+  monkeypatch.setattr(pool, 'WORKERS', 2)
+  resumed = next(data.train_batches(jpeg_folder, start_step=3, **kwargs))
+  halves = [next(data.train_batches(jpeg_folder, start_step=3, process_index=p,
+                                    process_count=2, **kwargs)) for p in range(2)]
+  for key in ('image', 'label'):
+    np.testing.assert_array_equal(stepped[3][key], resumed[key])
+    np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), resumed[key])
+  assert resumed['image'].shape == (4, 16, 16, 3) and resumed['image'].dtype == np.float32
+  # The epoch visits every training image once, with its label.
+  labels = np.concatenate([b['label'] for b in stepped[:3]])
+  np.testing.assert_array_equal(np.bincount(labels), [4, 4, 4])
+  assert not np.array_equal(stepped[0]['image'], stepped[1]['image'])
+
+
+def test_streamed_folder_crops_follow_the_in_memory_plan(jpeg_folder, streamed_folders,
+                                                         monkeypatch):
+  """Whole-image crops of the square grayscale images: the streamed batch holds the same
+  examples, mirrored alike, as the in-memory one (resampled by Pillow instead of numpy)."""
+  kwargs = dict(global_batch_size=12, image_size=50, seed=0, min_crop_scale=1.0)
+  streamed = next(data.train_batches(jpeg_folder, **kwargs))
+  streamed_info = data.dataset_info(jpeg_folder)
+  monkeypatch.setattr(folders, 'IN_MEMORY_LIMIT_BYTES', 1 << 30)
+  data.load.cache_clear()
+  in_memory = next(data.train_batches(jpeg_folder, **kwargs))
+  in_memory_info = data.dataset_info(jpeg_folder)
+  np.testing.assert_array_equal(streamed['label'], in_memory['label'])
+  square = np.abs(pixels(in_memory['image'], in_memory_info).std(axis=-1)).max(axis=(1, 2)) < 1
+  assert square.sum() == 3
+  np.testing.assert_allclose(pixels(streamed['image'][square], streamed_info),
+                             pixels(in_memory['image'][square], in_memory_info), atol=2)
+
+
+def test_streamed_folder_eval_covers_every_example_once_across_processes(jpeg_folder,
+                                                                         streamed_folders):
+  info = data.dataset_info(jpeg_folder)
+  seen, padding = [], 0
+  for process in range(2):
+    batches = list(data.eval_batches(jpeg_folder, global_batch_size=4, image_size=8,
+                                     process_index=process, process_count=2))
+    assert len(batches) == 2  # ceil(5 / 4) on every process
+    for batch in batches:
+      real = batch['mask'] == 1
+      levels = pixels(batch['image'][real], info).mean(axis=(1, 2, 3))
+      np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+      seen.extend(np.round((levels - 5) / 10).astype(int))
+      np.testing.assert_array_equal(batch['label'][real], np.round((levels - 5) / 10) % 3)
+      assert not batch['image'][~real].any()
+      padding += int((~real).sum())
+  assert sorted(seen) == list(range(5)) and padding == 3
+
+
+def test_unreadable_image_is_an_error_naming_the_file(tmp_path, streamed_folders):
+  for split in ('train', 'val'):
+    write_image(str(tmp_path / split / 'cat' / 'good.png'), np.zeros((8, 8, 3), np.uint8))
+  broken = tmp_path / 'train' / 'cat' / 'broken.jpg'
+  broken.write_bytes(b'\xff\xd8\xff\xe0 not really a JPEG')
+  batches = data.train_batches(f'folder:{tmp_path}', global_batch_size=2, image_size=8,
+                               seed=0)
+  with pytest.raises(ValueError, match=f'Cannot read image {broken}'):
+    next(batches)
+
+
+def test_folder_index_is_cached_and_refreshed_when_the_folder_changes(tmp_path):
+  for split in ('train', 'val'):
+    write_image(str(tmp_path / split / 'cat' / '0.png'), np.zeros((8, 8, 3), np.uint8))
+  first = folders.index(str(tmp_path))
+  assert os.path.exists(tmp_path / folders.INDEX_FILE)
+  assert first.splits['train'].paths([0]) == [str(tmp_path / 'train' / 'cat' / '0.png')]
+  write_image(str(tmp_path / 'train' / 'dog' / '1.png'), np.zeros((8, 8, 3), np.uint8))
+  second = folders.index(str(tmp_path))
+  assert second.class_names == ['cat', 'dog'] and len(second.splits['train']) == 2
+  np.testing.assert_array_equal(second.splits['train'].labels, [0, 1])
+
+
+def test_fashion_mnist_and_folders_work_without_tensorflow(jpeg_folder):
+  script = BLOCKER + f"""
+from repvgg_jax import data
+from repvgg_jax.data import folders
+for dataset in ({jpeg_folder!r}, 'fashion_mnist'):
+  for limit in (0, folders.IN_MEMORY_LIMIT_BYTES):
+    folders.IN_MEMORY_LIMIT_BYTES = limit
+    data.load.cache_clear()
+    if dataset != 'fashion_mnist' or data.debian_fashion_mnist_present():
+      train = next(data.train_batches(dataset, global_batch_size=4, image_size=8, seed=0))
+      evaluation = next(data.eval_batches(dataset, global_batch_size=4, image_size=8))
+      assert train['image'].shape[:3] == evaluation['image'].shape[:3] == (4, 8, 8)
+assert 'tensorflow' not in sys.modules
+"""
+  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------
