@@ -52,7 +52,8 @@ def decode_crop(path: str, box: Callable[[int, int], tuple[float, float, float, 
       image.draft(_MODES[channels], (math.ceil(width * size / box_w),
                                     math.ceil(height * size / box_h)))
       scale_x, scale_y = image.size[0] / width, image.size[1] / height
-      image = image.convert(_MODES[channels])
+      if image.mode != _MODES[channels]:
+        image = image.convert(_MODES[channels])
       crop = image.resize((size, size), Image.Resampling.BILINEAR,
                           box=(left * scale_x, top * scale_y, (left + box_w) * scale_x,
                                (top + box_h) * scale_y))

@@ -14,6 +14,8 @@ import collections
 import concurrent.futures
 import multiprocessing
 import os
+import threading
+import time
 from multiprocessing import shared_memory
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -29,10 +31,23 @@ _shared = None
 _slots = None
 
 
-def _attach(name: str, shape: tuple[int, ...]) -> None:
+def _attach(name: str, shape: tuple[int, ...], parent: int) -> None:
   global _shared, _slots
   _shared = shared_memory.SharedMemory(name=name)
   _slots = np.ndarray(shape, np.float32, buffer=_shared.buf)
+  threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+  """Ends this worker when the process it works for is gone (killed, or ended without
+  shutting the pool down): the workers hold their own task queue open, they would wait for
+  tasks forever."""
+  while True:
+    time.sleep(1)
+    try:
+      os.kill(parent, 0)
+    except ProcessLookupError:
+      os._exit(1)  # pylint: disable=protected-access
 
 
 def _compute(slot: int, start: int, function: Callable[..., np.ndarray],
@@ -61,7 +76,7 @@ def map_batches(tasks: Iterator[tuple[Callable[..., np.ndarray], Sequence[Sequen
   shared = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)) * 4)
   slots = np.ndarray(shape, np.float32, buffer=shared.buf)
   executor = concurrent.futures.ProcessPoolExecutor(
-      workers, mp_context=_context(), initializer=_attach, initargs=(shared.name, shape))
+      workers, mp_context=_context(), initializer=_attach, initargs=(shared.name, shape, os.getpid()))
   bounds = np.linspace(0, rows, min(workers, rows) + 1).astype(int)
   pending: collections.deque = collections.deque()
   try:

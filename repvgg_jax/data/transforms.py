@@ -102,25 +102,33 @@ def writable_float32(images: np.ndarray) -> np.ndarray:
 
 
 def normalize(images: np.ndarray, info: DatasetInfo) -> np.ndarray:
-  """``(pixel - mean) / std``, in place on a float32 copy of ``images`` where possible."""
-  images = writable_float32(images)
-  # On rows of W*C values numpy's inner loops are long; on the C-long channel axis they crawl.
+  """``(pixel - mean) / std`` as float32: in place on float32 ``images`` where possible;
+  uint8 ``images`` are converted in the same pass."""
   width, channels = images.shape[-2:]
-  rows = images.reshape(images.shape[:-2] + (width * channels,))
-  rows -= np.tile(np.asarray(info.mean, np.float32), width)
-  rows *= np.tile(1 / np.asarray(info.std, np.float32), width)
-  return images
+  mean = np.tile(np.asarray(info.mean, np.float32), width)
+  # On rows of W*C values numpy's inner loops are long; on the C-long channel axis they crawl.
+  if images.dtype == np.uint8:
+    normalized = np.subtract(images.reshape(images.shape[:-2] + (width * channels,)), mean,
+                             dtype=np.float32)
+  else:
+    images = writable_float32(images)
+    normalized = images.reshape(images.shape[:-2] + (width * channels,))
+    normalized -= mean
+  normalized *= np.tile(1 / np.asarray(info.std, np.float32), width)
+  return normalized.reshape(images.shape)
 
 
 def finish_train_images(images: np.ndarray, draws: np.ndarray, augment: str,
                         info: DatasetInfo) -> np.ndarray:
-  """Cropped images in pixel units (float or uint8) -> flipped (not with 'crop'), optionally
-  AutoAugmented, normalized float32."""
-  images = writable_float32(images)
+  """Cropped images in pixel units -> flipped (not with 'crop'), optionally AutoAugmented,
+  normalized float32. Float images are copied; uint8 ones (flipped in place) stay uint8
+  until normalized, which is cheaper."""
+  images = images if images.dtype == np.uint8 else writable_float32(images)
   if augment != 'crop':
     flip = draws[:, randomness.FLIP] < 0.5
     images[flip] = images[flip, :, ::-1]
   if augment == 'autoaugment':
-    pixels = np.clip(np.round(images), 0, 255).astype(np.uint8)
-    images = autoaugment.autoaugment(pixels, draws[:, randomness.AUTOAUGMENT])
+    if images.dtype != np.uint8:
+      images = np.clip(np.round(images), 0, 255).astype(np.uint8)
+    images = autoaugment.autoaugment(images, draws[:, randomness.AUTOAUGMENT])
   return normalize(images, info)
