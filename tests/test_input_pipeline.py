@@ -459,6 +459,28 @@ def test_streamed_tfds_eval_covers_every_example_once(tiny_tfds, streamed):
   assert sorted(labels) == [0, 1, 2, 3, 4]
 
 
+def test_tensorflow_crop_geometry_equals_numpys():
+  """The streamed TFDS path computes crops in TensorFlow ops: the same boxes as numpy's."""
+  tf = data.tfds.tensorflow()
+  rng = np.random.default_rng(0)
+  count = 500
+  heights, widths = rng.integers(1, 600, count), rng.integers(1, 600, count)
+  draws = randomness.train_draws(0, 7, np.arange(count))
+  for min_scale in (0.08, 1.0):
+    expected = np.stack(transforms.random_resized_crop_boxes(draws, heights, widths,
+                                                             min_scale), axis=1)
+    boxes = tf.map_fn(lambda x: data.tfds.random_resized_crop_box(x[0], x[1][0], x[1][1],
+                                                                  min_scale),
+                      (tf.constant(draws), tf.constant(np.stack([heights, widths], 1))),
+                      fn_output_signature=tf.int32)
+    np.testing.assert_array_equal(boxes.numpy(), expected)
+  for (height, width) in zip(heights[:50], widths[:50]):
+    for image_size, crop_fraction in ((224, 0.875), (13, 0.8), (32, 1.0)):
+      np.testing.assert_array_equal(
+          data.tfds.centre_crop_geometry(int(height), int(width), image_size,
+                                         crop_fraction).numpy(),
+          transforms.centre_crop_geometry(height, width, image_size, crop_fraction))
+
 def test_imagenet_not_prepared_says_how_to_build_it(tmp_path):
   with pytest.raises(ValueError) as error:
     data.dataset_info('imagenet2012', data_dir=str(tmp_path))

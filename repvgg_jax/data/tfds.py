@@ -134,11 +134,57 @@ def _split_size(source: Streamed, split: str) -> int:
   return source.builder.info.splits[split].num_examples
 
 
+def random_resized_crop_box(draws, height, width, min_scale: float):
+  """``transforms.random_resized_crop_boxes`` of one image in TensorFlow ops (for tf.data
+  maps): the same float64 arithmetic on the crop columns of one row of draws; returns int32
+  ``[top, left, height, width]``."""
+  tf = tensorflow()
+  height, width = tf.cast(height, tf.int64), tf.cast(width, tf.int64)
+  h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+  area = tf.cast(height * width, tf.float64) * (
+      min_scale + (1 - min_scale) * draws[randomness.AREA])
+  log_lo, log_hi = math.log(transforms.CROP_RATIO[0]), math.log(transforms.CROP_RATIO[1])
+  ratio = tf.exp(log_lo + (log_hi - log_lo) * draws[randomness.RATIO])
+  crop_w = tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int64)
+  crop_h = tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int64)
+  fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  found = tf.reduce_any(fits)
+  # The fallback: the whole image, cut to the nearest allowed aspect ratio.
+  in_ratio = w / h
+  fallback_w = tf.where(in_ratio > transforms.CROP_RATIO[1],
+                        tf.cast(tf.round(h * transforms.CROP_RATIO[1]), tf.int64), width)
+  fallback_h = tf.where(in_ratio < transforms.CROP_RATIO[0],
+                        tf.cast(tf.round(w / transforms.CROP_RATIO[0]), tf.int64), height)
+  crop_h = tf.where(found, crop_h[first], fallback_h)
+  crop_w = tf.where(found, crop_w[first], fallback_w)
+  top = tf.where(found, tf.cast(tf.floor(draws[randomness.TOP] * tf.cast(
+      height - crop_h + 1, tf.float64)), tf.int64), (height - crop_h) // 2)
+  left = tf.where(found, tf.cast(tf.floor(draws[randomness.LEFT] * tf.cast(
+      width - crop_w + 1, tf.float64)), tf.int64), (width - crop_w) // 2)
+  return tf.cast(tf.stack([top, left, crop_h, crop_w]), tf.int32)
+
+
+def centre_crop_geometry(height, width, image_size: int, crop_fraction: float):
+  """``transforms.centre_crop_geometry`` in TensorFlow ops: int32 ``[resized_h,
+  resized_w, top, left]``."""
+  tf = tensorflow()
+  shorter = int(round(image_size / crop_fraction))
+  h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+  scale = shorter / tf.minimum(h, w)
+  resized_h = tf.maximum(image_size, tf.cast(tf.round(h * scale), tf.int32))
+  resized_w = tf.maximum(image_size, tf.cast(tf.round(w * scale), tf.int32))
+  return tf.stack([resized_h, resized_w, (resized_h - image_size) // 2,
+                   (resized_w - image_size) // 2])
+
+
 def train_batches(source: Streamed, *, local_batch_size: int, image_size: int, seed: int,
                   start_step: int, process_index: int, process_count: int, augment: str,
                   min_crop_scale: float) -> Iterator[Batch]:
   """Each process reads its shard; epoch ``e`` is the shard in an order seeded by (seed, e),
-  cut into ``steps_per_epoch`` full batches (the remainder is skipped)."""
+  cut into ``steps_per_epoch`` full batches (the remainder is skipped). The draws of each
+  batch are computed with numpy, once per batch, and flow beside the examples; crops are
+  computed in TensorFlow ops (no Python per example)."""
   tf = tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   shard = tfds.even_splits(source.train_split, n=process_count,
@@ -149,50 +195,47 @@ def train_batches(source: Streamed, *, local_batch_size: int, image_size: int, s
                      f'than the per-process shard of the train split')
   channels = source.info.channels
   jpeg = source.builder.info.features[source.image_key].encoding_format == 'jpeg'
+  positions = process_index * local_batch_size + np.arange(local_batch_size)
 
-  def crop_box(step, position, height, width):
-    draws = randomness.train_draws(seed, int(step), np.array([position]))
-    box = transforms.random_resized_crop_boxes(draws, np.array([height]), np.array([width]),
-                                               min_crop_scale)
-    return np.array([value[0] for value in box], np.int32)
+  def batch_draws(step):
+    return randomness.train_draws(seed, int(step), positions)
+
+  def decode_and_crop(draws, encoded, label):
+    if jpeg:  # decode only the crop
+      shape = tf.image.extract_jpeg_shape(encoded)
+    else:
+      image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+      shape = tf.shape(image)
+    box = random_resized_crop_box(draws, shape[0], shape[1], min_crop_scale)
+    if jpeg:
+      crop = tf.image.decode_and_crop_jpeg(encoded, box, channels=channels)
+    else:
+      crop = image[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+    crop.set_shape([None, None, channels])
+    return tf.image.resize(crop, [image_size, image_size], method='bilinear'), label
 
   def epoch_batches(epoch: int, first_batch: int):
-    def decode_and_crop(index, encoded, label):
-      step = epoch * steps_per_epoch + index // local_batch_size
-      position = process_index * local_batch_size + index % local_batch_size
-      if jpeg:  # decode only the crop
-        shape = tf.image.extract_jpeg_shape(encoded)
-      else:
-        image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
-        shape = tf.shape(image)
-      box = tf.numpy_function(crop_box, [step, position, shape[0], shape[1]], tf.int32)
-      box.set_shape([4])
-      if jpeg:
-        crop = tf.image.decode_and_crop_jpeg(encoded, box, channels=channels)
-      else:
-        crop = image[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
-      crop.set_shape([None, None, channels])
-      return tf.image.resize(crop, [image_size, image_size], method='bilinear'), label
-
+    steps = tf.data.Dataset.range(epoch * steps_per_epoch + first_batch,
+                                  (epoch + 1) * steps_per_epoch)
+    draws = steps.map(lambda step: tf.numpy_function(batch_draws, [step], tf.float64))
+    draws = draws.map(lambda d: tf.ensure_shape(d, [local_batch_size, randomness.NUM_DRAWS]))
     shuffle_seed = int(np.random.default_rng([seed, epoch]).integers(2**31))
     examples = _encoded_examples(source, shard, shuffle_seed)
     examples = examples.take(steps_per_epoch * local_batch_size)
     examples = examples.skip(first_batch * local_batch_size)
-    examples = examples.enumerate(first_batch * local_batch_size)
-    examples = examples.map(lambda index, example: decode_and_crop(index, *example),
+    examples = tf.data.Dataset.zip((draws.unbatch(), examples))
+    examples = examples.map(lambda row, example: decode_and_crop(row, *example),
                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return examples.batch(local_batch_size, drop_remainder=True).prefetch(2)
 
   def finish_rows(images, draws):
     return transforms.finish_train_images(images, draws, augment, source.info)
 
-  positions = process_index * local_batch_size + np.arange(local_batch_size)
   step = start_step
   while True:
     epoch, first_batch = divmod(step, steps_per_epoch)
     for images, labels in epoch_batches(epoch, first_batch).as_numpy_iterator():
-      draws = randomness.train_draws(seed, step, positions)
-      yield {'image': batching.in_chunks(finish_rows, images, draws),
+      yield {'image': batching.in_chunks(finish_rows, images, batch_draws(step)),
              'label': labels.astype(np.int32)}
       step += 1
 
@@ -209,15 +252,11 @@ def eval_batches(source: Streamed, *, local_batch_size: int, image_size: int,
   num_batches = -(-largest_shard // local_batch_size)
   channels = source.info.channels
 
-  def geometry(height, width):
-    return np.array(transforms.centre_crop_geometry(int(height), int(width), image_size,
-                                                    crop_fraction), np.int32)
-
   def decode_resize_crop(encoded, label):
     image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
     shape = tf.shape(image)
     resized_h, resized_w, top, left = tf.unstack(
-        tf.numpy_function(geometry, [shape[0], shape[1]], tf.int32), 4)
+        centre_crop_geometry(shape[0], shape[1], image_size, crop_fraction), 4)
     image.set_shape([None, None, channels])
     resized = tf.image.resize(image, tf.stack([resized_h, resized_w]), method='bilinear')
     return resized[top:top + image_size, left:left + image_size], label
