@@ -9,7 +9,8 @@ Writes ``--dir/<N>/{train,val}/<class>/*.jpg`` once (500x375 JPEGs at quality 90
 classes; kept for later runs), then measures each pipeline on each folder in its own
 subprocess, one after the other: training batches of random-resized-crop to
 ``--image-size``, horizontal flip, normalization. Reports images/s over ``--batches``
-batches after the first, the time to the first batch (this project's: with the folder's
+batches after the first, the CPU time they took per image (the process and its workers:
+what the pipeline costs, whatever else loads the machine), the time to the first batch (this project's: with the folder's
 index built from scratch), and the peak resident memory of the measuring process and of
 its worker processes (``VmHWM``, summed; ``ru_maxrss`` would include the benchmark's own,
 inherited through fork). tf.data: ``tf.image.decode_and_crop_jpeg`` of a
@@ -177,8 +178,8 @@ def _peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _descendants_peak_rss_mb() -> float:
-  """Summed peak resident memory of this process's living descendants."""
+def _family() -> list[int]:
+  """This process and its living descendants."""
   parents = {}
   for entry in os.listdir('/proc'):
     if entry.isdigit():
@@ -190,7 +191,21 @@ def _descendants_peak_rss_mb() -> float:
   family = {os.getpid()}
   for _ in range(4):  # children, grandchildren (the fork server's workers), ...
     family |= {pid for pid, parent in parents.items() if parent in family}
-  return sum(_peak_rss_mb(pid) for pid in family - {os.getpid()})
+  return sorted(family)
+
+
+def _cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
+  """User + system CPU time of each process (those still there)."""
+  ticks = os.sysconf('SC_CLK_TCK')
+  seconds = {}
+  for pid in pids:
+    try:
+      with open(f'/proc/{pid}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+      seconds[pid] = (int(fields[11]) + int(fields[12])) / ticks
+    except OSError:
+      continue
+  return seconds
 
 
 def measure(pipeline: str, root: str, args: argparse.Namespace) -> dict:
@@ -210,16 +225,21 @@ def measure(pipeline: str, root: str, args: argparse.Namespace) -> dict:
     batches = _torch_batches(root, args.batch_size, args.image_size, args.torch_workers)
   next(batches)
   first = time.perf_counter() - start
+  cpu_before = _cpu_seconds(_family())
   start = time.perf_counter()
   for _ in range(args.batches):
     next(batches)
   seconds = time.perf_counter() - start
-  workers_rss = _descendants_peak_rss_mb()
+  family = _family()
+  cpu_after = _cpu_seconds(family)
+  cpu = sum(after - cpu_before.get(pid, 0.0) for pid, after in cpu_after.items())
+  workers_rss = sum(_peak_rss_mb(pid) for pid in family if pid != os.getpid())
   close = getattr(batches, 'close', None)
   if close is not None:
     close()
   return {'pipeline': pipeline, 'images': int(open(os.path.join(root, 'complete')).read()),
           'images_per_second': args.batches * args.batch_size / seconds,
+          'cpu_ms_per_image': cpu * 1000 / (args.batches * args.batch_size),
           'first_batch_seconds': first,
           'peak_rss_mb': _peak_rss_mb(os.getpid()),
           'workers_peak_rss_mb': workers_rss}
@@ -276,12 +296,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       print(records[-1], file=sys.stderr)
   print(f'{os.cpu_count()} CPUs; {_versions()}; batch {args.batch_size}, '
         f'{args.image_size}x{args.image_size}', file=sys.stderr)
-  print('| pipeline | images | images/s | first batch (s) | peak RSS (MB) | '
+  print('| pipeline | images | images/s | CPU ms/image | first batch (s) | peak RSS (MB) | '
         'workers\' peak RSS (MB) |')
-  print('|---|---:|---:|---:|---:|---:|')
+  print('|---|---:|---:|---:|---:|---:|---:|')
   for r in records:
     print(f'| {r["pipeline"]} | {r["images"]} | {r["images_per_second"]:.0f} | '
-          f'{r["first_batch_seconds"]:.1f} | {r["peak_rss_mb"]:.0f} | '
+          f'{r["cpu_ms_per_image"]:.2f} | {r["first_batch_seconds"]:.1f} | '
+          f'{r["peak_rss_mb"]:.0f} | '
           f'{r["workers_peak_rss_mb"]:.0f} |')
   if args.json:
     with open(args.json, 'w') as f:

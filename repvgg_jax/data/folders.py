@@ -1,5 +1,5 @@
 """Image folders: ``root/train/<class>/*`` and ``root/val/<class>/*`` (ImageNet's layout),
-decoded with Pillow (no TensorFlow).
+decoded without TensorFlow (``decoding``: Pillow, OpenCV).
 
 The file list and labels are indexed once and cached in ``root/INDEX_FILE`` (or, when the
 folder is read-only, in ``$XDG_CACHE_HOME/repvgg_jax/``); the cache is rebuilt when the
@@ -86,7 +86,7 @@ def _scan(root: str) -> dict[str, np.ndarray]:
     split_dir = os.path.join(root, split)
     directories.append(split)
     mtimes.append(os.stat(split_dir).st_mtime_ns)
-    found = []  # (directory relative to the split, file name, class, size)
+    found = []  # (class, directory relative to the split, file name, size)
     for class_name in sorted(os.listdir(split_dir)):
       if not os.path.isdir(os.path.join(split_dir, class_name)):
         continue
@@ -100,16 +100,16 @@ def _scan(root: str) -> dict[str, np.ndarray]:
             if entry.is_dir():
               pending.append(os.path.join(relative, entry.name))
             elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
-              found.append((relative, entry.name, class_name, entry.stat().st_size))
+              found.append((class_name, relative, entry.name, entry.stat().st_size))
     if not found:
       raise ValueError(f'Image folder {split_dir!r} holds no images (expected '
                        f'{split_dir}/<class>/<image>, extensions '
                        f'{", ".join(IMAGE_EXTENSIONS)})')
-    found.sort()  # by directory, then file name: the order does not depend on the file system
+    found.sort()  # by class, directory, file name: not the file system's order
     arrays[f'{split}_blob'], arrays[f'{split}_offsets'] = _join(
-        [os.path.join(relative, name) for relative, name, _, _ in found])
+        [os.path.join(relative, name) for _, relative, name, _ in found])
     arrays[f'{split}_bytes'] = np.int64(sum(size for *_, size in found))
-    classes[split] = [class_name for _, _, class_name, _ in found]
+    classes[split] = [class_name for class_name, *_ in found]
   class_names = sorted(set(classes['train']))
   unknown = sorted(set(classes['val']) - set(class_names))
   if unknown:
@@ -211,7 +211,7 @@ def load(root: str) -> Union[InMemory, StreamedFolder]:
   channels = 1 if all(image.shape[-1] == 1 for images in decoded.values()
                       for image in images) else 3
   train_images, val_images = (
-      Images([np.repeat(image, channels // image.shape[-1], axis=-1)
+      Images([image if image.shape[-1] == channels else np.repeat(image, channels, axis=-1)
               for image in decoded[split]]) for split in SPLITS)
   return InMemory.create(name, train_images, train.labels, val_images, val.labels,
                          num_classes=num_classes)
@@ -221,15 +221,12 @@ def train_rows(paths: Sequence[str], draws: np.ndarray, *, image_size: int, augm
                min_crop_scale: float, info: DatasetInfo) -> np.ndarray:
   """Training rows of a streamed folder (in a worker): random-resized crops of the files,
   flipped, augmented and normalized like in memory."""
-
-  def crop(row):
-    def box(height, width):
-      boxes = transforms.random_resized_crop_boxes(draws[row:row + 1], np.array([height]),
-                                                   np.array([width]), min_crop_scale)
-      return tuple(int(value[0]) for value in boxes)
-    return decoding.decode_crop(paths[row], box, image_size, info.channels)
-
-  images = np.stack([crop(row) for row in range(len(paths))])
+  encoded = [decoding.read(path) for path in paths]
+  boxes = transforms.random_resized_crop_boxes(
+      draws, np.array([e.height for e in encoded]), np.array([e.width for e in encoded]),
+      min_crop_scale)
+  images = np.stack([decoding.decode_crop(e, *box, image_size, info.channels)
+                     for e, *box in zip(encoded, *boxes)])
   return transforms.finish_train_images(images, draws, augment, info)
 
 
@@ -240,10 +237,10 @@ def eval_rows(paths: Sequence[Optional[str]], *, image_size: int, crop_fraction:
   out = np.zeros((len(paths), image_size, image_size, info.channels), np.float32)
   for row, path in enumerate(paths):
     if path is not None:
-      crop = decoding.decode_crop(path, functools.partial(
-          transforms.eval_box, image_size=image_size, crop_fraction=crop_fraction),
-                                  image_size, info.channels)
-      out[row] = transforms.normalize(crop, info)
+      encoded = decoding.read(path)
+      box = transforms.eval_box(encoded.height, encoded.width, image_size, crop_fraction)
+      out[row] = transforms.normalize(
+          decoding.decode_crop(encoded, *box, image_size, info.channels), info)
   return out
 
 

@@ -10,8 +10,10 @@ dies breaks the pool with an error rather than a hang.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import threading
@@ -27,14 +29,14 @@ WORKERS = max(1, min(16, os.cpu_count() or 1))
 DEPTH = 3
 
 # In a worker: the batch slots in shared memory (set by _attach).
-_shared = None
 _slots = None
 
 
 def _attach(name: str, shape: tuple[int, ...], parent: int) -> None:
-  global _shared, _slots
-  _shared = shared_memory.SharedMemory(name=name)
-  _slots = np.ndarray(shape, np.float32, buffer=_shared.buf)
+  global _slots
+  # Mapped as a file, not as SharedMemory(name): in Python < 3.13 that would register the
+  # segment with the resource tracker once more, which then warns of a leak at exit.
+  _slots = np.memmap(os.path.join('/dev/shm', name), np.float32, 'r+', shape=shape)
   threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 
 
@@ -76,9 +78,19 @@ def map_batches(tasks: Iterator[tuple[Callable[..., np.ndarray], Sequence[Sequen
   shared = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)) * 4)
   slots = np.ndarray(shape, np.float32, buffer=shared.buf)
   executor = concurrent.futures.ProcessPoolExecutor(
-      workers, mp_context=_context(), initializer=_attach, initargs=(shared.name, shape, os.getpid()))
+      workers, mp_context=_context(), initializer=_attach,
+      initargs=(shared.name, shape, os.getpid()))
   bounds = np.linspace(0, rows, min(workers, rows) + 1).astype(int)
   pending: collections.deque = collections.deque()
+
+  def release() -> None:
+    # At exit, if the consumer's thread has not ended this generator (the interpreter's
+    # shutdown stops the executor's threads first): the segment must not outlive us.
+    executor.shutdown(wait=False, cancel_futures=True)
+    with contextlib.suppress(FileNotFoundError):
+      shared.unlink()
+
+  atexit.register(release)
   try:
     tasks = iter(tasks)
     free_slots = list(range(DEPTH))
@@ -101,10 +113,10 @@ def map_batches(tasks: Iterator[tuple[Callable[..., np.ndarray], Sequence[Sequen
       free_slots.append(slot)
       yield batch, payload
   finally:
-    for _, _, futures in pending:
-      for future in futures:
-        future.cancel()
+    # Unlinked first (the mappings stay valid): when this runs at interpreter exit, the
+    # shutdown below may never return.
+    shared.unlink()
+    atexit.unregister(release)
     executor.shutdown(wait=True, cancel_futures=True)
     del slots
     shared.close()
-    shared.unlink()
