@@ -218,30 +218,30 @@ def load(root: str) -> Union[InMemory, StreamedFolder]:
 
 
 def train_rows(paths: Sequence[str], draws: np.ndarray, *, image_size: int, augment: str,
-               min_crop_scale: float, info: DatasetInfo) -> np.ndarray:
-  """Training rows of a streamed folder (in a worker): random-resized crops of the files,
-  flipped, augmented and normalized like in memory."""
+               min_crop_scale: float, info: DatasetInfo, out: np.ndarray) -> None:
+  """Training rows of a streamed folder (in a worker), into ``out``: random-resized crops
+  of the files, flipped, augmented and normalized like in memory."""
   encoded = [decoding.read(path) for path in paths]
   boxes = transforms.random_resized_crop_boxes(
       draws, np.array([e.height for e in encoded]), np.array([e.width for e in encoded]),
       min_crop_scale)
   images = np.stack([decoding.decode_crop(e, *box, image_size, info.channels)
                      for e, *box in zip(encoded, *boxes)])
-  return transforms.finish_train_images(images, draws, augment, info)
+  transforms.finish_train_images(images, draws, augment, info, out)
 
 
 def eval_rows(paths: Sequence[Optional[str]], *, image_size: int, crop_fraction: float,
-              info: DatasetInfo) -> np.ndarray:
-  """Evaluation rows of a streamed folder (in a worker): resized, centre-cropped and
-  normalized; zeros for the padding rows (path None)."""
-  out = np.zeros((len(paths), image_size, image_size, info.channels), np.float32)
+              info: DatasetInfo, out: np.ndarray) -> None:
+  """Evaluation rows of a streamed folder (in a worker), into ``out``: resized,
+  centre-cropped and normalized; zeros for the padding rows (path None)."""
   for row, path in enumerate(paths):
-    if path is not None:
+    if path is None:
+      out[row] = 0
+    else:
       encoded = decoding.read(path)
       box = transforms.eval_box(encoded.height, encoded.width, image_size, crop_fraction)
-      out[row] = transforms.normalize(
-          decoding.decode_crop(encoded, *box, image_size, info.channels), info)
-  return out
+      transforms.normalize(decoding.decode_crop(encoded, *box, image_size, info.channels),
+                           info, out[row])
 
 
 def train_batches(source: StreamedFolder, *, global_batch_size: int, local_batch_size: int,

@@ -5,7 +5,14 @@ batch out, so per-example Python (decoding, cropping) never runs under its GIL.
 Each batch is cut into one chunk of rows per worker; a chunk's rows depend only on its
 task, so the number of workers changes nothing in the batches. A worker that raises hands
 its error to the consumer (a file's ``UnreadableImageError`` names the file); a worker that
-dies breaks the pool with an error rather than a hang.
+dies breaks the pool with an error rather than a hang; workers end with the process they
+work for.
+
+The workers are forked from multiprocessing's fork server (started once per process, with
+this package imported), never from the trainer's process, whose JAX and TensorFlow threads
+make ``fork`` unsafe. Like any multiprocessing start method other than fork, the fork server
+imports the main script again: a script that streams a folder must start its work under
+``if __name__ == '__main__':`` (train.py and the benchmarks do).
 """
 
 from __future__ import annotations
@@ -52,27 +59,25 @@ def _exit_with(parent: int) -> None:
       os._exit(1)  # pylint: disable=protected-access
 
 
-def _compute(slot: int, start: int, function: Callable[..., np.ndarray],
-             rows: Sequence) -> None:
-  _slots[slot, start:start + len(rows[0])] = function(*rows)
+def _compute(slot: int, start: int, function: Callable[..., None], rows: Sequence) -> None:
+  function(*rows, out=_slots[slot, start:start + len(rows[0])])
 
 
 def _context() -> multiprocessing.context.BaseContext:
-  # Not fork: the trainer's process runs JAX's and TensorFlow's threads. The fork server is
-  # started once, with this package imported, so each worker starts in milliseconds.
+  # The fork server imports this package once, so each worker starts in milliseconds.
   context = multiprocessing.get_context('forkserver')
   context.set_forkserver_preload(['repvgg_jax.data.folders'])
   return context
 
 
-def map_batches(tasks: Iterator[tuple[Callable[..., np.ndarray], Sequence[Sequence], Any]],
+def map_batches(tasks: Iterator[tuple[Callable[..., None], Sequence[Sequence], Any]],
                 *, rows: int, row_shape: tuple[int, ...],
                 workers: Optional[int] = None) -> Iterator[tuple[np.ndarray, Any]]:
-  """``(function(*columns), payload)`` for each ``(function, columns, payload)`` of
-  ``tasks``, in order: float32 ``[rows, *row_shape]`` batches computed in worker processes
-  (``workers``, default WORKERS), each column cut into row chunks. ``function`` must be
-  picklable (a module-level function or a ``functools.partial`` of one) and return its
-  rows; the payload (labels, masks) stays in this process."""
+  """``(batch, payload)`` for each ``(function, columns, payload)`` of ``tasks``, in order:
+  ``function(*column_chunks, out=rows)`` fills the float32 ``[rows, *row_shape]`` batch
+  chunk by chunk in worker processes (``workers``, default WORKERS). ``function`` must be
+  picklable (a module-level function or a ``functools.partial`` of one); the payload
+  (labels, masks) stays in this process."""
   workers = workers or WORKERS
   shape = (DEPTH, rows) + tuple(row_shape)
   shared = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)) * 4)

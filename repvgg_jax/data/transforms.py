@@ -4,6 +4,7 @@ boxes, the evaluation centre crop, bilinear resampling, flip, AutoAugment, norma
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 
@@ -101,28 +102,31 @@ def writable_float32(images: np.ndarray) -> np.ndarray:
   return images if images.flags.writeable else images.copy()
 
 
-def normalize(images: np.ndarray, info: DatasetInfo) -> np.ndarray:
-  """``(pixel - mean) / std`` as float32: in place on float32 ``images`` where possible;
-  uint8 ``images`` are converted in the same pass."""
+def normalize(images: np.ndarray, info: DatasetInfo,
+              out: Optional[np.ndarray] = None) -> np.ndarray:
+  """``(pixel - mean) / std`` as float32: into ``out`` when given, else in place on float32
+  ``images`` where possible (uint8 ones are converted in the same pass)."""
   width, channels = images.shape[-2:]
-  mean = np.tile(np.asarray(info.mean, np.float32), width)
   # On rows of W*C values numpy's inner loops are long; on the C-long channel axis they crawl.
-  if images.dtype == np.uint8:
-    normalized = np.subtract(images.reshape(images.shape[:-2] + (width * channels,)), mean,
-                             dtype=np.float32)
+  row_shape = images.shape[:-2] + (width * channels,)
+  mean = np.tile(np.asarray(info.mean, np.float32), width)
+  if out is not None:
+    normalized = np.subtract(images.reshape(row_shape), mean, dtype=np.float32,
+                             out=out.reshape(row_shape))
+  elif images.dtype == np.uint8:
+    normalized = np.subtract(images.reshape(row_shape), mean, dtype=np.float32)
   else:
-    images = writable_float32(images)
-    normalized = images.reshape(images.shape[:-2] + (width * channels,))
+    normalized = writable_float32(images).reshape(row_shape)
     normalized -= mean
   normalized *= np.tile(1 / np.asarray(info.std, np.float32), width)
   return normalized.reshape(images.shape)
 
 
 def finish_train_images(images: np.ndarray, draws: np.ndarray, augment: str,
-                        info: DatasetInfo) -> np.ndarray:
+                        info: DatasetInfo, out: Optional[np.ndarray] = None) -> np.ndarray:
   """Cropped images in pixel units -> flipped (not with 'crop'), optionally AutoAugmented,
   normalized float32. Float images are copied; uint8 ones (flipped in place) stay uint8
-  until normalized, which is cheaper."""
+  until normalized, which is cheaper, into ``out`` when given."""
   images = images if images.dtype == np.uint8 else writable_float32(images)
   if augment != 'crop':
     flip = draws[:, randomness.FLIP] < 0.5
@@ -131,4 +135,4 @@ def finish_train_images(images: np.ndarray, draws: np.ndarray, augment: str,
     if images.dtype != np.uint8:
       images = np.clip(np.round(images), 0, 255).astype(np.uint8)
     images = autoaugment.autoaugment(images, draws[:, randomness.AUTOAUGMENT])
-  return normalize(images, info)
+  return normalize(images, info, out)
