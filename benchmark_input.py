@@ -1,20 +1,21 @@
-"""Input-pipeline speed on an ImageNet-like folder of JPEGs: this project's image-folder
-pipeline next to a tf.data pipeline and torchvision's ImageFolder + DataLoader.
+"""Input-pipeline speed on an ImageNet-like folder of JPEGs: this project's image-folder and
+streamed-TFDS pipelines next to a tf.data pipeline and torchvision's ImageFolder + DataLoader.
 
   python benchmark_input.py --images 2000,20000 --dir /tmp/input_benchmark \\
-      [--pipelines folder,tf.data,torchvision] [--batch-size 128] [--image-size 224] \\
+      [--pipelines folder,tfds,tf.data,torchvision] [--batch-size 128] [--image-size 224] \\
       [--batches 40] [--json results.json]
 
 Writes ``--dir/<N>/{train,val}/<class>/*.jpg`` once (500x375 JPEGs at quality 90, 10
-classes; kept for later runs), then measures each pipeline on each folder in its own
-subprocess, one after the other: training batches of random-resized-crop to
-``--image-size``, horizontal flip, normalization. Reports images/s over ``--batches``
-batches after the first, the CPU time they took per image (the process and its workers:
-what the pipeline costs, whatever else loads the machine), the time to the first batch (this project's: with the folder's
-index built from scratch), and the peak resident memory of the measuring process and of
-its worker processes (``VmHWM``, summed; ``ru_maxrss`` would include the benchmark's own,
-inherited through fork). tf.data: ``tf.image.decode_and_crop_jpeg`` of a
-``sample_distorted_bounding_box``, bilinear resize, flip, normalize, parallel maps
+classes; kept for later runs) and, for ``tfds``, the same JPEG files as a prepared TFDS
+dataset in ``--dir/<N>/tfds``, streamed as ImageNet is. Then measures each pipeline on each
+folder in its own subprocess, one after the other: training batches of random-resized-crop
+to ``--image-size``, horizontal flip, normalization. Reports images/s over ``--batches``
+batches after the first; the CPU time they took per image (the process and its workers:
+what the pipeline costs, whatever else loads the machine); the time to the first batch (for
+``folder``, with the folder's index built from scratch); the peak resident memory of the
+measuring process and, summed, of its worker processes (``VmHWM``; ``ru_maxrss`` would
+count the benchmark's own, inherited through fork). tf.data: ``tf.image.decode_and_crop_jpeg``
+of a ``sample_distorted_bounding_box``, bilinear resize, flip, normalize, parallel maps
 (AUTOTUNE); torchvision: ``RandomResizedCrop`` + ``RandomHorizontalFlip`` + ``ToTensor`` +
 ``Normalize`` with ``--torch-workers`` workers (skipped with a note when torch is missing).
 Prints a Markdown table (stdout; progress on stderr).
@@ -33,7 +34,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-PIPELINES = ('folder', 'tf.data', 'torchvision')
+PIPELINES = ('folder', 'tfds', 'tf.data', 'torchvision')
 CLASSES = 10
 VAL_IMAGES = 20
 IMAGE_SHAPE = (375, 500)
@@ -78,6 +79,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--measure', metavar='PIPELINE', help=argparse.SUPPRESS)
   parser.add_argument('--root', help=argparse.SUPPRESS)
   parser.add_argument('--result', help=argparse.SUPPRESS)
+  parser.add_argument('--build-tfds', metavar='ROOT', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if min(args.batch_size, args.image_size, args.batches, args.torch_workers) < 1:
     parser.error('--batch-size, --image-size, --batches and --torch-workers must be >= 1')
@@ -119,10 +121,43 @@ def make_folder(root: str, count: int) -> None:
     f.write(f'{count}\n')
 
 
+def build_tfds(root: str) -> str:
+  """The folder's train and val images as a prepared TFDS dataset (the JPEG files stored as
+  they are) in ``root/tfds``, built unless a previous run did; returns its name."""
+  from repvgg_jax.data import tfds  # pylint: disable=import-outside-toplevel
+  tfds.tensorflow()
+  import tensorflow_datasets  # pylint: disable=import-outside-toplevel
+
+  class InputBenchmarkJpegs(tensorflow_datasets.core.GeneratorBasedBuilder):
+    VERSION = tensorflow_datasets.core.Version('1.0.0')
+
+    def _info(self):
+      return tensorflow_datasets.core.DatasetInfo(
+          builder=self, features=tensorflow_datasets.features.FeaturesDict({
+              'image': tensorflow_datasets.features.Image(encoding_format='jpeg'),
+              'label': tensorflow_datasets.features.ClassLabel(num_classes=CLASSES)}),
+          supervised_keys=('image', 'label'))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples('train'),
+              'validation': self._generate_examples('val')}
+
+    def _generate_examples(self, split):
+      directory = os.path.join(root, split)
+      for label, name in enumerate(sorted(os.listdir(directory))):
+        for file in sorted(os.listdir(os.path.join(directory, name))):
+          yield f'{name}/{file}', {'image': os.path.join(directory, name, file),
+                                   'label': label}
+
+  InputBenchmarkJpegs(data_dir=os.path.join(root, 'tfds')).download_and_prepare()
+  return 'tfds:input_benchmark_jpegs'
+
+
 def _tf_batches(root: str, batch_size: int, image_size: int) -> Iterator:
   """The Flax ImageNet example's training input, reading the folder's files."""
-  from repvgg_jax.data import tfds  # pylint: disable=import-outside-toplevel
-  from repvgg_jax.checkpoint import IMAGENET_MEAN, IMAGENET_STD  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from repvgg_jax.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+  from repvgg_jax.data import tfds
   tf = tfds.tensorflow()
   train = os.path.join(root, 'train')
   classes = sorted(os.listdir(train))
@@ -219,6 +254,13 @@ def measure(pipeline: str, root: str, args: argparse.Namespace) -> dict:
         os.unlink(path)
     batches = data.train_batches(f'folder:{root}', global_batch_size=args.batch_size,
                                  image_size=args.image_size, seed=0)
+  elif pipeline == 'tfds':
+    from repvgg_jax import data  # pylint: disable=import-outside-toplevel
+    from repvgg_jax.data import tfds  # pylint: disable=import-outside-toplevel
+    tfds.IN_MEMORY_LIMIT_BYTES = 0  # streamed, as ImageNet is
+    batches = data.train_batches(build_tfds(root), global_batch_size=args.batch_size,
+                                 image_size=args.image_size, seed=0,
+                                 data_dir=os.path.join(root, 'tfds'))
   elif pipeline == 'tf.data':
     batches = _tf_batches(root, args.batch_size, args.image_size)
   else:
@@ -248,7 +290,8 @@ def measure(pipeline: str, root: str, args: argparse.Namespace) -> dict:
 def _versions() -> str:
   from importlib import metadata  # pylint: disable=import-outside-toplevel
   found = []
-  for package in ('pillow', 'numpy', 'tensorflow-cpu', 'torch', 'torchvision'):
+  for package in ('numpy', 'pillow', 'opencv-python-headless', 'tensorflow-cpu',
+                  'tensorflow-datasets', 'torch', 'torchvision'):
     try:
       found.append(f'{package} {metadata.version(package)}')
     except metadata.PackageNotFoundError:
@@ -258,6 +301,9 @@ def _versions() -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
+  if args.build_tfds:
+    build_tfds(args.build_tfds)
+    return 0
   if args.measure:
     record = measure(args.measure, args.root, args)
     with open(args.result, 'w') as f:
@@ -275,6 +321,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     root = os.path.join(args.dir, str(count))
     start = time.perf_counter()
     make_folder(root, count)
+    if 'tfds' in pipelines:  # prepared in its own process, like the folder: not timed
+      subprocess.run([sys.executable, os.path.abspath(__file__), '--build-tfds', root],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     print(f'{root}: ready in {time.perf_counter() - start:.0f} s', file=sys.stderr)
     for pipeline in pipelines:
       result, log = (os.path.join(root, f'{pipeline}.{kind}') for kind in ('json', 'log'))

@@ -125,8 +125,8 @@ def test_each_epoch_visits_every_training_example_once_in_a_new_order():
     np.testing.assert_array_equal(np.sort(epoch), np.arange(1000))
   assert not np.array_equal(epochs[0], epochs[1])
   # A batch straddling two epochs reads the end of one and the start of the next.
-  np.testing.assert_array_equal(randomness.EpochPermutations(0, 1000).examples(np.arange(995, 1005)),
-                                stream[995:1005])
+  np.testing.assert_array_equal(
+      randomness.EpochPermutations(0, 1000).examples(np.arange(995, 1005)), stream[995:1005])
 
 
 @needs_fashion_mnist

@@ -1,13 +1,13 @@
 """Image files to pixels without TensorFlow: whole images with Pillow, for datasets held in
 memory; crops for streamed datasets with OpenCV, decoded at the size they need.
 
-A crop reads the file once and takes the image size from its header (Pillow, lazily), so
-that the caller can choose the box; ``decode_crop`` then decodes a JPEG at the smallest DCT scale (1/2, 1/4, 1/8: OpenCV's
-``IMREAD_REDUCED_*``, Pillow's ``draft``) that keeps the box at least the output size, and
-resamples the box by bilinear interpolation at half-pixel centres without antialiasing, as
-``transforms.bilinear`` and tf.image.resize do. Measured on this project's 2-core machine
-(docs/input_pipeline_benchmark.md): Pillow decode + antialiased resize 2.6 ms per
-500x375 JPEG, OpenCV decode + resize 1.5 ms.
+``read`` takes a file and the image size from its header (Pillow parses only that), so
+that the caller can choose the box; ``decode_crop`` then decodes a JPEG at the smallest DCT
+scale (1/2, 1/4, 1/8: OpenCV's ``IMREAD_REDUCED_*``) that keeps the box at least the output
+size, and resamples the box by bilinear interpolation at half-pixel centres without
+antialiasing, as ``transforms.bilinear`` and tf.image.resize do. Measured per 500x375 JPEG
+on this project's 2-core machine (docs/input_pipeline_benchmark.md): Pillow decode +
+antialiased resize of a 400x300 box 2.6 ms, OpenCV decode + resize 1.5 ms.
 """
 
 from __future__ import annotations
