@@ -11,8 +11,8 @@ from PIL import Image
 from repvgg_jax import autoaugment
 from repvgg_jax import data
 from repvgg_jax.checkpoint import IMAGENET_MEAN
-from repvgg_jax.data import (batching, fashion_mnist, folders, memory, pool, randomness,
-                             transforms)
+from repvgg_jax.data import (batching, decoding, fashion_mnist, folders, memory, pool,
+                             randomness, transforms)
 from test_imports import BLOCKER, ROOT
 
 needs_fashion_mnist = pytest.mark.skipif(
@@ -319,6 +319,30 @@ def test_unreadable_image_is_an_error_naming_the_file(tmp_path, streamed_folders
     next(batches)
 
 
+def test_big_jpeg_crops_are_decoded_at_a_reduced_scale_and_resampled_like_numpy(
+    tmp_path, monkeypatch):
+  """A 640x480 smooth JPEG cropped to 32x32: a 320x320 box and the evaluation box (415
+  pixels, fractional) are decoded at 1/8 scale (the boxes stay over 32 pixels wide), and
+  resampled like transforms.bilinear (no antialiasing; on a smooth image, within a few
+  levels)."""
+  cv2 = pytest.importorskip('cv2')
+  y, x = np.mgrid[0:480, 0:640]
+  smooth = np.stack([x * 255 / 639, y * 255 / 479, (x + y) * 255 / 1118], -1).astype(np.uint8)
+  path = str(tmp_path / 'big.jpg')
+  write_image(path, smooth, quality=95)
+  flags = []
+  imdecode = cv2.imdecode
+  monkeypatch.setattr(cv2, 'imdecode', lambda data, flag: flags.append(flag) or
+                      imdecode(data, flag))
+  encoded = decoding.read(path)
+  assert (encoded.height, encoded.width, encoded.jpeg) == (480, 640, True)
+  whole = decoding.decode(path)
+  for box in [(80, 100, 320, 320), transforms.eval_box(480, 640, 32, 0.875)]:
+    crop = decoding.decode_crop(encoded, *box, 32, 3)
+    assert crop.shape == (32, 32, 3) and crop.dtype == np.uint8
+    np.testing.assert_allclose(crop, transforms.bilinear(whole, *box, 32), atol=6)
+  assert flags == [cv2.IMREAD_REDUCED_COLOR_8 | cv2.IMREAD_IGNORE_ORIENTATION] * 2
+
 def test_folder_index_is_cached_and_refreshed_when_the_folder_changes(tmp_path):
   for split in ('train', 'val'):
     write_image(str(tmp_path / split / 'cat' / '0.png'), np.zeros((8, 8, 3), np.uint8))
@@ -463,23 +487,25 @@ def test_tensorflow_crop_geometry_equals_numpys():
   """The streamed TFDS path computes crops in TensorFlow ops: the same boxes as numpy's."""
   tf = data.tfds.tensorflow()
   rng = np.random.default_rng(0)
-  count = 500
+  count = 300
   heights, widths = rng.integers(1, 600, count), rng.integers(1, 600, count)
   draws = randomness.train_draws(0, 7, np.arange(count))
   for min_scale in (0.08, 1.0):
-    expected = np.stack(transforms.random_resized_crop_boxes(draws, heights, widths,
-                                                             min_scale), axis=1)
-    boxes = tf.map_fn(lambda x: data.tfds.random_resized_crop_box(x[0], x[1][0], x[1][1],
-                                                                  min_scale),
-                      (tf.constant(draws), tf.constant(np.stack([heights, widths], 1))),
-                      fn_output_signature=tf.int32)
-    np.testing.assert_array_equal(boxes.numpy(), expected)
-  for (height, width) in zip(heights[:50], widths[:50]):
-    for image_size, crop_fraction in ((224, 0.875), (13, 0.8), (32, 1.0)):
-      np.testing.assert_array_equal(
-          data.tfds.centre_crop_geometry(int(height), int(width), image_size,
-                                         crop_fraction).numpy(),
-          transforms.centre_crop_geometry(height, width, image_size, crop_fraction))
+    crop_boxes = tf.function(lambda d, h, w, s=min_scale: tf.map_fn(
+        lambda x: data.tfds.random_resized_crop_box(x[0], x[1], x[2], s), (d, h, w),
+        fn_output_signature=tf.int32))
+    np.testing.assert_array_equal(
+        crop_boxes(draws, heights, widths).numpy(),
+        np.stack(transforms.random_resized_crop_boxes(draws, heights, widths, min_scale), 1))
+  for image_size, crop_fraction in ((224, 0.875), (13, 0.8), (32, 1.0)):
+    geometries = tf.function(lambda h, w, size=image_size, fraction=crop_fraction: tf.map_fn(
+        lambda x: data.tfds.centre_crop_geometry(x[0], x[1], size, fraction), (h, w),
+        fn_output_signature=tf.int32))
+    np.testing.assert_array_equal(
+        geometries(heights, widths).numpy(),
+        [transforms.centre_crop_geometry(h, w, image_size, crop_fraction)
+         for h, w in zip(heights, widths)])
+
 
 def test_imagenet_not_prepared_says_how_to_build_it(tmp_path):
   with pytest.raises(ValueError) as error:
