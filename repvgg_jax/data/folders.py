@@ -217,11 +217,12 @@ def load(root: str) -> Union[InMemory, StreamedFolder]:
                          num_classes=num_classes)
 
 
-def train_rows(paths: Sequence[str], draws: np.ndarray, *, image_size: int, augment: str,
-               min_crop_scale: float, info: DatasetInfo, out: np.ndarray) -> None:
+def train_rows(split: SplitIndex, examples: np.ndarray, draws: np.ndarray, *,
+               image_size: int, augment: str, min_crop_scale: float, info: DatasetInfo,
+               out: np.ndarray) -> None:
   """Training rows of a streamed folder (in a worker), into ``out``: random-resized crops
-  of the files, flipped, augmented and normalized like in memory."""
-  encoded = [decoding.read(path) for path in paths]
+  of the images ``examples``, flipped, augmented and normalized like in memory."""
+  encoded = [decoding.read(path) for path in split.paths(examples)]
   boxes = transforms.random_resized_crop_boxes(
       draws, np.array([e.height for e in encoded]), np.array([e.width for e in encoded]),
       min_crop_scale)
@@ -230,33 +231,33 @@ def train_rows(paths: Sequence[str], draws: np.ndarray, *, image_size: int, augm
   transforms.finish_train_images(images, draws, augment, info, out)
 
 
-def eval_rows(paths: Sequence[Optional[str]], *, image_size: int, crop_fraction: float,
-              info: DatasetInfo, out: np.ndarray) -> None:
+def eval_rows(split: SplitIndex, examples: np.ndarray, mask: np.ndarray, *, image_size: int,
+              crop_fraction: float, info: DatasetInfo, out: np.ndarray) -> None:
   """Evaluation rows of a streamed folder (in a worker), into ``out``: resized,
-  centre-cropped and normalized; zeros for the padding rows (path None)."""
-  for row, path in enumerate(paths):
-    if path is None:
-      out[row] = 0
-    else:
-      encoded = decoding.read(path)
-      box = transforms.eval_box(encoded.height, encoded.width, image_size, crop_fraction)
-      transforms.normalize(decoding.decode_crop(encoded, *box, image_size, info.channels),
-                           info, out[row])
+  centre-cropped and normalized; zeros for the padding rows (mask False)."""
+  out[~mask] = 0
+  for row, path in zip(np.flatnonzero(mask), split.paths(examples[mask])):
+    encoded = decoding.read(path)
+    box = transforms.eval_box(encoded.height, encoded.width, image_size, crop_fraction)
+    transforms.normalize(decoding.decode_crop(encoded, *box, image_size, info.channels),
+                         info, out[row])
 
 
 def train_batches(source: StreamedFolder, *, global_batch_size: int, local_batch_size: int,
                   image_size: int, seed: int, start_step: int, process_index: int,
                   augment: str, min_crop_scale: float) -> Iterator[Batch]:
-  """Endless training batches of ``batching.train_plan``, decoded by ``pool``."""
+  """Endless training batches of ``batching.train_plan``, decoded by ``pool`` (which
+  receives the file index once, then example numbers and draws)."""
   rows = functools.partial(train_rows, image_size=image_size, augment=augment,
                            min_crop_scale=min_crop_scale, info=source.info)
   plan = batching.train_plan(len(source.train), global_batch_size=global_batch_size,
                              local_batch_size=local_batch_size, seed=seed,
                              start_step=start_step, process_index=process_index)
-  tasks = ((rows, (source.train.paths(examples), draws), source.train.labels[examples])
+  tasks = ((rows, (examples, draws), source.train.labels[examples])
            for examples, draws in plan)
   for images, labels in pool.map_batches(
-      tasks, rows=local_batch_size, row_shape=(image_size, image_size, source.info.channels)):
+      tasks, rows=local_batch_size, context=source.train,
+      row_shape=(image_size, image_size, source.info.channels)):
     yield {'image': images, 'label': labels}
 
 
@@ -267,10 +268,10 @@ def eval_batches(source: StreamedFolder, *, global_batch_size: int, local_batch_
                            info=source.info)
   plan = batching.eval_plan(len(source.eval), global_batch_size=global_batch_size,
                             local_batch_size=local_batch_size, process_index=process_index)
-  tasks = ((rows, ([path if real else None
-                    for path, real in zip(source.eval.paths(examples), mask)],),
+  tasks = ((rows, (examples, mask),
             (np.where(mask, source.eval.labels[examples], 0).astype(np.int32), mask))
            for examples, mask in plan)
   for images, (labels, mask) in pool.map_batches(
-      tasks, rows=local_batch_size, row_shape=(image_size, image_size, source.info.channels)):
+      tasks, rows=local_batch_size, context=source.eval,
+      row_shape=(image_size, image_size, source.info.channels)):
     yield {'image': images, 'label': labels, 'mask': mask.astype(np.float32)}

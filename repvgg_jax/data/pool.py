@@ -35,12 +35,14 @@ WORKERS = max(1, min(16, os.cpu_count() or 1))
 # Batches computed ahead: enough that the workers always have a queued chunk.
 DEPTH = 3
 
-# In a worker: the batch slots in shared memory (set by _attach).
+# In a worker: the batch slots in shared memory and the context of the tasks (set by _attach).
 _slots = None
+_task_context = None
 
 
-def _attach(name: str, shape: tuple[int, ...], parent: int) -> None:
-  global _slots
+def _attach(name: str, shape: tuple[int, ...], parent: int, context: Any) -> None:
+  global _slots, _task_context
+  _task_context = context
   # Mapped as a file, not as SharedMemory(name): in Python < 3.13 that would register the
   # segment with the resource tracker once more, which then warns of a leak at exit.
   _slots = np.memmap(os.path.join('/dev/shm', name), np.float32, 'r+', shape=shape)
@@ -60,7 +62,7 @@ def _exit_with(parent: int) -> None:
 
 
 def _compute(slot: int, start: int, function: Callable[..., None], rows: Sequence) -> None:
-  function(*rows, out=_slots[slot, start:start + len(rows[0])])
+  function(_task_context, *rows, out=_slots[slot, start:start + len(rows[0])])
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -71,20 +73,21 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 def map_batches(tasks: Iterator[tuple[Callable[..., None], Sequence[Sequence], Any]],
-                *, rows: int, row_shape: tuple[int, ...],
+                *, rows: int, row_shape: tuple[int, ...], context: Any = None,
                 workers: Optional[int] = None) -> Iterator[tuple[np.ndarray, Any]]:
   """``(batch, payload)`` for each ``(function, columns, payload)`` of ``tasks``, in order:
-  ``function(*column_chunks, out=rows)`` fills the float32 ``[rows, *row_shape]`` batch
-  chunk by chunk in worker processes (``workers``, default WORKERS). ``function`` must be
-  picklable (a module-level function or a ``functools.partial`` of one); the payload
-  (labels, masks) stays in this process."""
+  ``function(context, *column_chunks, out=rows)`` fills the float32 ``[rows, *row_shape]``
+  batch chunk by chunk in worker processes (``workers``, default WORKERS). ``context``
+  (a file index) is sent to each worker once, the columns (example numbers, draws) with
+  each chunk; ``function`` must be picklable (a module-level function or a
+  ``functools.partial`` of one). The payload (labels, masks) stays in this process."""
   workers = workers or WORKERS
   shape = (DEPTH, rows) + tuple(row_shape)
   shared = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)) * 4)
   slots = np.ndarray(shape, np.float32, buffer=shared.buf)
   executor = concurrent.futures.ProcessPoolExecutor(
       workers, mp_context=_context(), initializer=_attach,
-      initargs=(shared.name, shape, os.getpid()))
+      initargs=(shared.name, shape, os.getpid(), context))
   bounds = np.linspace(0, rows, min(workers, rows) + 1).astype(int)
   pending: collections.deque = collections.deque()
 
