@@ -28,10 +28,8 @@ def get_config(model: str = 'RepVGG-A0') -> ml_collections.ConfigDict:
   # Evaluation; follows image_size until set (a derived reference, not a shared one).
   config.eval_image_size = config.get_ref('image_size') * 1
   # 'crop' (no flip), 'simple' (crop + flip), 'autoaugment', 'randaugment' (the authors'
-  # raug15 with the two fields below)
+  # raug15: magnitude 15, two operations per image)
   config.augment = 'simple'
-  config.randaugment_magnitude = 15
-  config.randaugment_num_ops = 2
   config.min_crop_scale = 0.08
   config.crop_fraction = 0.875    # evaluation: shorter side to eval_image_size / this
 

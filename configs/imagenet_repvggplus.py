@@ -36,9 +36,7 @@ def get_config():
   config.weight_decay = 4e-5
   config.weight_decay_rule = 'swin'
   config.label_smoothing = 0.1
-  config.augment = 'randaugment'
-  config.randaugment_magnitude = 15
-  config.randaugment_num_ops = 2
+  config.augment = 'randaugment'  # raug15: magnitude 15, two operations per image
   config.mixup_alpha = 0.2
   config.image_size = 256
   config.eval_image_size = 320

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 import jax
 import numpy as np
 
-from repvgg_jax import checkpoint, convolution, input_pipeline, torch_io
+from repvgg_jax import checkpoint, convolution, data, torch_io
 from repvgg_jax.models import DTYPES, create_model
 from repvgg_jax.reparam import reparameterize
 from repvgg_jax.training import compilation, parallel
@@ -115,7 +115,7 @@ def evaluate_weights(weights: Weights, dataset: str, *, deploy: bool = False,
                      image_size: Optional[int] = None, crop_fraction: Optional[float] = None,
                      batch_size: int = 256, data_dir: Optional[str] = None,
                      conv_impl: str = 'xla', dtype: str = 'float32') -> dict[str, Any]:
-  """Evaluate ``weights`` on the evaluation split of ``dataset`` (``input_pipeline``'s
+  """Evaluate ``weights`` on the evaluation split of ``dataset`` (``repvgg_jax.data``'s
   names) at ``image_size``/``crop_fraction`` (default: the weights' own); ``deploy``
   re-parameterizes training-time weights first (deploy weights are evaluated as they
   are). Returns top-1, top-5, loss, the number of examples and images/s."""
@@ -123,7 +123,7 @@ def evaluate_weights(weights: Weights, dataset: str, *, deploy: bool = False,
   image_size = image_size or weights.image_size
   crop_fraction = crop_fraction or weights.crop_fraction
   convolution.check_conv_impl(conv_impl, deploy)
-  info = input_pipeline.dataset_info(dataset, data_dir)
+  info = data.dataset_info(dataset, data_dir)
   if info.num_classes != weights.num_classes:
     raise EvaluationError(f'{weights.source}: a classifier of {weights.num_classes} classes; '
                           f'{dataset} has {info.num_classes}')
@@ -142,7 +142,7 @@ def evaluate_weights(weights: Weights, dataset: str, *, deploy: bool = False,
   model = create_model(weights.model, weights.num_classes, deploy=deploy,
                        dtype=DTYPES[dtype], conv_impl=conv_impl)
   p_eval = compilation.pmapped_eval_step(model)
-  batches = input_pipeline.eval_batches(
+  batches = data.eval_batches(
       dataset, global_batch_size=batch_size, image_size=image_size,
       process_index=jax.process_index(), process_count=processes, data_dir=data_dir,
       crop_fraction=crop_fraction, mean=weights.mean, std=weights.std)

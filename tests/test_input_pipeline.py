@@ -1,16 +1,23 @@
 """The input pipeline: deterministic training batches, exact evaluation, clear errors."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from repvgg_jax import autoaugment
-from repvgg_jax import input_pipeline as ip
+from repvgg_jax import data
+from repvgg_jax.checkpoint import IMAGENET_MEAN
+from repvgg_jax.data import (batching, decoding, fashion_mnist, folders, memory, pool,
+                             randomness, transforms)
+from test_imports import BLOCKER, ROOT
 
 needs_fashion_mnist = pytest.mark.skipif(
-    not ip.debian_fashion_mnist_present(),
-    reason=f'Debian Fashion-MNIST files not in {ip.DEBIAN_FASHION_MNIST_DIR}')
+    not data.debian_fashion_mnist_present(),
+    reason=f'Debian Fashion-MNIST files not in {fashion_mnist.DEBIAN_FASHION_MNIST_DIR}')
 
 
 def take(batches, count):
@@ -28,7 +35,7 @@ def pixels(batch_images, info):
 
 @needs_fashion_mnist
 def test_fashion_mnist_info_matches_the_dataset():
-  info = ip.dataset_info('fashion_mnist')
+  info = data.dataset_info('fashion_mnist')
   assert (info.num_classes, info.num_train, info.num_eval, info.channels) == (10, 60000, 10000, 1)
   # Fashion-MNIST's well-known pixel statistics: mean 0.2860, std 0.3530 of 255.
   np.testing.assert_allclose(info.mean, [0.2860 * 255], rtol=1e-3)
@@ -36,10 +43,10 @@ def test_fashion_mnist_info_matches_the_dataset():
 
 
 @needs_fashion_mnist
-@pytest.mark.parametrize('augment', ['simple', 'autoaugment'])
+@pytest.mark.parametrize('augment', ['simple', 'autoaugment', 'randaugment'])
 def test_train_batches_have_the_promised_shapes_and_ranges(augment):
-  info = ip.dataset_info('fashion_mnist')
-  batch = next(ip.train_batches('fashion_mnist', global_batch_size=16, image_size=32, seed=0,
+  info = data.dataset_info('fashion_mnist')
+  batch = next(data.train_batches('fashion_mnist', global_batch_size=16, image_size=32, seed=0,
                                 augment=augment))
   assert set(batch) == {'image', 'label'}
   assert batch['image'].shape == (16, 32, 32, 1) and batch['image'].dtype == np.float32
@@ -54,11 +61,11 @@ def test_train_batches_have_the_promised_shapes_and_ranges(augment):
 @pytest.mark.parametrize('augment', ['simple', 'crop'])
 def test_whole_image_crops_are_the_shuffled_training_images_mirrored_half_the_time(augment):
   # 'simple' mirrors about half of them; 'crop' none.
-  info = ip.dataset_info('fashion_mnist')
-  source = ip._load('fashion_mnist', None)
-  batch = next(ip.train_batches('fashion_mnist', global_batch_size=64, image_size=28, seed=0,
+  info = data.dataset_info('fashion_mnist')
+  source = data.load('fashion_mnist', None)
+  batch = next(data.train_batches('fashion_mnist', global_batch_size=64, image_size=28, seed=0,
                                 min_crop_scale=1.0, augment=augment))
-  examples = ip._EpochPermutations(0, info.num_train).examples(np.arange(64))
+  examples = randomness.EpochPermutations(0, info.num_train).examples(np.arange(64))
   originals = source.train_images.images[examples]
   images = pixels(batch['image'], info)
   same = np.isclose(images, originals, atol=1e-3).all(axis=(1, 2, 3))
@@ -74,21 +81,21 @@ def test_whole_image_crops_are_the_shuffled_training_images_mirrored_half_the_ti
 @needs_fashion_mnist
 def test_start_step_resumes_exactly_where_stepping_gets():
   kwargs = dict(global_batch_size=8, image_size=24, seed=3, augment='autoaugment')
-  stepped = take(ip.train_batches('fashion_mnist', **kwargs), 4)
-  resumed = take(ip.train_batches('fashion_mnist', start_step=2, **kwargs), 2)
+  stepped = take(data.train_batches('fashion_mnist', **kwargs), 4)
+  resumed = take(data.train_batches('fashion_mnist', start_step=2, **kwargs), 2)
   for a, b in zip(stepped[2:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
   assert not np.array_equal(stepped[0]['image'], stepped[1]['image'])
-  other_seed = next(ip.train_batches('fashion_mnist', **{**kwargs, 'seed': 4}))
+  other_seed = next(data.train_batches('fashion_mnist', **{**kwargs, 'seed': 4}))
   assert not np.array_equal(other_seed['image'], stepped[0]['image'])
 
 
 @needs_fashion_mnist
 def test_processes_receive_their_rows_of_the_global_batch():
   kwargs = dict(global_batch_size=8, image_size=24, seed=0, start_step=5)
-  whole = next(ip.train_batches('fashion_mnist', **kwargs))
-  halves = [next(ip.train_batches('fashion_mnist', process_index=p, process_count=2, **kwargs))
+  whole = next(data.train_batches('fashion_mnist', **kwargs))
+  halves = [next(data.train_batches('fashion_mnist', process_index=p, process_count=2, **kwargs))
             for p in range(2)]
   for key in ('image', 'label'):
     np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])
@@ -97,40 +104,40 @@ def test_processes_receive_their_rows_of_the_global_batch():
 @needs_fashion_mnist
 def test_batches_do_not_depend_on_the_number_of_augmentation_threads(monkeypatch):
   kwargs = dict(global_batch_size=10, image_size=20, seed=0, augment='autoaugment')
-  monkeypatch.setattr(ip, 'AUGMENT_THREADS', 1)
-  one = take(ip.train_batches('fashion_mnist', **kwargs), 2)
-  evaluated_by_one = next(ip.eval_batches('fashion_mnist', global_batch_size=10, image_size=20))
-  monkeypatch.setattr(ip, 'AUGMENT_THREADS', 3)
-  ip._augment_pool.cache_clear()
-  three = take(ip.train_batches('fashion_mnist', **kwargs), 2)
-  evaluated_by_three = next(ip.eval_batches('fashion_mnist', global_batch_size=10,
+  monkeypatch.setattr(batching, 'AUGMENT_THREADS', 1)
+  one = take(data.train_batches('fashion_mnist', **kwargs), 2)
+  evaluated_by_one = next(data.eval_batches('fashion_mnist', global_batch_size=10, image_size=20))
+  monkeypatch.setattr(batching, 'AUGMENT_THREADS', 3)
+  batching.augment_pool.cache_clear()
+  three = take(data.train_batches('fashion_mnist', **kwargs), 2)
+  evaluated_by_three = next(data.eval_batches('fashion_mnist', global_batch_size=10,
                                             image_size=20))
-  ip._augment_pool.cache_clear()
+  batching.augment_pool.cache_clear()
   for a, b in zip(one + [evaluated_by_one], three + [evaluated_by_three]):
     np.testing.assert_array_equal(a['image'], b['image'])
 
 
 def test_each_epoch_visits_every_training_example_once_in_a_new_order():
-  order = ip._EpochPermutations(seed=0, size=1000)
+  order = randomness.EpochPermutations(seed=0, size=1000)
   stream = order.examples(np.arange(3000))  # what consecutive batches read
   epochs = stream.reshape(3, 1000)
   for epoch in epochs:
     np.testing.assert_array_equal(np.sort(epoch), np.arange(1000))
   assert not np.array_equal(epochs[0], epochs[1])
   # A batch straddling two epochs reads the end of one and the start of the next.
-  np.testing.assert_array_equal(ip._EpochPermutations(0, 1000).examples(np.arange(995, 1005)),
-                                stream[995:1005])
+  np.testing.assert_array_equal(
+      randomness.EpochPermutations(0, 1000).examples(np.arange(995, 1005)), stream[995:1005])
 
 
 @needs_fashion_mnist
 def test_eval_with_full_crop_at_native_size_returns_the_test_images():
-  info = ip.dataset_info('fashion_mnist')
-  batches = list(ip.eval_batches('fashion_mnist', global_batch_size=4096, image_size=28,
+  info = data.dataset_info('fashion_mnist')
+  batches = list(data.eval_batches('fashion_mnist', global_batch_size=4096, image_size=28,
                                  crop_fraction=1.0))
   assert [len(b['label']) for b in batches] == [4096] * 3
   mask = np.concatenate([b['mask'] for b in batches])
   assert mask.sum() == info.num_eval and mask[:info.num_eval].all()
-  source = ip._load('fashion_mnist', None)
+  source = data.load('fashion_mnist', None)
   images = pixels(np.concatenate([b['image'] for b in batches])[:info.num_eval], info)
   np.testing.assert_allclose(images, source.eval_images.images, atol=1e-3)
   np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches])[:info.num_eval],
@@ -139,21 +146,21 @@ def test_eval_with_full_crop_at_native_size_returns_the_test_images():
 
 @needs_fashion_mnist
 def test_eval_resizes_then_centre_crops():
-  batch = next(ip.eval_batches('fashion_mnist', global_batch_size=2, image_size=14))
+  batch = next(data.eval_batches('fashion_mnist', global_batch_size=2, image_size=14))
   assert batch['image'].shape == (2, 14, 14, 1)
   # 28 -> 16 (= 14 / 0.875) -> centre 14: a 1-pixel border of the resized image goes.
-  assert ip.centre_crop_geometry(28, 28, 14, 0.875) == (16, 16, 1, 1)
-  assert ip.centre_crop_geometry(300, 400, 224, 0.875) == (256, 341, 16, 58)
+  assert transforms.centre_crop_geometry(28, 28, 14, 0.875) == (16, 16, 1, 1)
+  assert transforms.centre_crop_geometry(300, 400, 224, 0.875) == (256, 341, 16, 58)
 
 
 # ------------------------------------------------------------------------------------------
 # A folder of class sub-folders.
 
 
-def write_image(path, array):
-  tf = ip._tensorflow()  # TensorFlow as the pipeline loads it (triton first)
+def write_image(path, array, **options):
+  """``array`` saved to ``path`` (PNG, JPEG, ... by its extension) with Pillow."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tf.io.write_file(path, tf.io.encode_png(array))
+  Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path, **options)
 
 
 @pytest.fixture(scope='module')
@@ -173,26 +180,26 @@ def image_folder(tmp_path_factory):
 
 
 def test_folder_info(image_folder):
-  info = ip.dataset_info(image_folder)
+  info = data.dataset_info(image_folder)
   assert (info.num_classes, info.num_train, info.num_eval, info.channels) == (3, 9, 7, 3)
 
 
 def test_folder_train_batches_are_deterministic_and_split_by_process(image_folder):
   kwargs = dict(global_batch_size=4, image_size=16, seed=1)
-  stepped = take(ip.train_batches(image_folder, **kwargs), 3)
-  resumed = next(ip.train_batches(image_folder, start_step=2, **kwargs))
+  stepped = take(data.train_batches(image_folder, **kwargs), 3)
+  resumed = next(data.train_batches(image_folder, start_step=2, **kwargs))
   np.testing.assert_array_equal(stepped[2]['image'], resumed['image'])
-  halves = [next(ip.train_batches(image_folder, start_step=2, process_index=p,
+  halves = [next(data.train_batches(image_folder, start_step=2, process_index=p,
                                   process_count=2, **kwargs)) for p in range(2)]
   np.testing.assert_array_equal(np.concatenate([h['image'] for h in halves]), resumed['image'])
   assert resumed['image'].shape == (4, 16, 16, 3)
 
 
 def test_folder_eval_covers_every_example_once_across_processes(image_folder):
-  info = ip.dataset_info(image_folder)
+  info = data.dataset_info(image_folder)
   seen, padding = [], 0
   for process in range(2):
-    batches = list(ip.eval_batches(image_folder, global_batch_size=4, image_size=8,
+    batches = list(data.eval_batches(image_folder, global_batch_size=4, image_size=8,
                                    process_index=process, process_count=2))
     assert len(batches) == 2  # ceil(7 / 4) on every process
     for batch in batches:
@@ -211,7 +218,160 @@ def test_empty_folder_is_a_clear_error(tmp_path):
     (tmp_path / split / 'cat').mkdir(parents=True)
   (tmp_path / 'train' / 'cat' / 'notes.txt').write_text('not an image')
   with pytest.raises(ValueError, match='holds no images'):
-    ip.dataset_info(f'folder:{tmp_path}')
+    data.dataset_info(f'folder:{tmp_path}')
+
+
+# ------------------------------------------------------------------------------------------
+# Image folders streamed from their files by worker processes.
+
+
+@pytest.fixture(scope='module')
+def jpeg_folder(tmp_path_factory):
+  """train/: 3 classes x 4 JPEGs of assorted sizes (one grayscale); val/: 5 flat PNGs whose
+  gray level, 10 * k + 5, identifies each example k."""
+  root = tmp_path_factory.mktemp('jpegs')
+  rng = np.random.default_rng(1)
+  for c, name in enumerate(['ant', 'bee', 'cow']):
+    for i, shape in enumerate([(40, 60, 3), (64, 48, 3), (33, 90, 3), (50, 50, 1)]):
+      write_image(str(root / 'train' / name / f'{i}.jpg'),
+                  rng.integers(0, 256, shape, dtype=np.uint8), quality=90)
+  for k in range(5):
+    write_image(str(root / 'val' / ['ant', 'bee', 'cow'][k % 3] / f'{k}.png'),
+                np.full((30 + k, 36, 3), 10 * k + 5, np.uint8))
+  return f'folder:{root}'
+
+
+@pytest.fixture
+def streamed_folders(monkeypatch):
+  """Image folders are streamed, as if too big for memory."""
+  data.load.cache_clear()
+  monkeypatch.setattr(folders, 'IN_MEMORY_LIMIT_BYTES', 0)
+  yield
+  data.load.cache_clear()
+
+
+def test_streamed_folder_batches_are_deterministic_whatever_the_workers(
+    jpeg_folder, streamed_folders, monkeypatch):
+  info = data.dataset_info(jpeg_folder)
+  assert (info.num_classes, info.num_train, info.num_eval, info.channels) == (3, 12, 5, 3)
+  kwargs = dict(global_batch_size=4, image_size=16, seed=2, augment='autoaugment')
+  monkeypatch.setattr(pool, 'WORKERS', 1)
+  stepped = take(data.train_batches(jpeg_folder, **kwargs), 4)  # 3 steps per epoch
+  monkeypatch.setattr(pool, 'WORKERS', 2)
+  resumed = next(data.train_batches(jpeg_folder, start_step=3, **kwargs))
+  halves = [next(data.train_batches(jpeg_folder, start_step=3, process_index=p,
+                                    process_count=2, **kwargs)) for p in range(2)]
+  for key in ('image', 'label'):
+    np.testing.assert_array_equal(stepped[3][key], resumed[key])
+    np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), resumed[key])
+  assert resumed['image'].shape == (4, 16, 16, 3) and resumed['image'].dtype == np.float32
+  # The epoch visits every training image once, with its label.
+  labels = np.concatenate([b['label'] for b in stepped[:3]])
+  np.testing.assert_array_equal(np.bincount(labels), [4, 4, 4])
+  assert not np.array_equal(stepped[0]['image'], stepped[1]['image'])
+
+
+def test_streamed_folder_crops_follow_the_in_memory_plan(jpeg_folder, streamed_folders,
+                                                         monkeypatch):
+  """Whole-image crops of the square grayscale images: the streamed batch holds the same
+  examples, mirrored alike, as the in-memory one (resampled by Pillow instead of numpy)."""
+  kwargs = dict(global_batch_size=12, image_size=50, seed=0, min_crop_scale=1.0)
+  streamed = next(data.train_batches(jpeg_folder, **kwargs))
+  streamed_info = data.dataset_info(jpeg_folder)
+  monkeypatch.setattr(folders, 'IN_MEMORY_LIMIT_BYTES', 1 << 30)
+  data.load.cache_clear()
+  in_memory = next(data.train_batches(jpeg_folder, **kwargs))
+  in_memory_info = data.dataset_info(jpeg_folder)
+  np.testing.assert_array_equal(streamed['label'], in_memory['label'])
+  square = np.abs(pixels(in_memory['image'], in_memory_info).std(axis=-1)).max(axis=(1, 2)) < 1
+  assert square.sum() == 3
+  np.testing.assert_allclose(pixels(streamed['image'][square], streamed_info),
+                             pixels(in_memory['image'][square], in_memory_info), atol=2)
+
+
+def test_streamed_folder_eval_covers_every_example_once_across_processes(jpeg_folder,
+                                                                         streamed_folders):
+  info = data.dataset_info(jpeg_folder)
+  seen, padding = [], 0
+  for process in range(2):
+    batches = list(data.eval_batches(jpeg_folder, global_batch_size=4, image_size=8,
+                                     process_index=process, process_count=2))
+    assert len(batches) == 2  # ceil(5 / 4) on every process
+    for batch in batches:
+      real = batch['mask'] == 1
+      levels = pixels(batch['image'][real], info).mean(axis=(1, 2, 3))
+      np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+      seen.extend(np.round((levels - 5) / 10).astype(int))
+      np.testing.assert_array_equal(batch['label'][real], np.round((levels - 5) / 10) % 3)
+      assert not batch['image'][~real].any()
+      padding += int((~real).sum())
+  assert sorted(seen) == list(range(5)) and padding == 3
+
+
+def test_unreadable_image_is_an_error_naming_the_file(tmp_path, streamed_folders):
+  for split in ('train', 'val'):
+    write_image(str(tmp_path / split / 'cat' / 'good.png'), np.zeros((8, 8, 3), np.uint8))
+  broken = tmp_path / 'train' / 'cat' / 'broken.jpg'
+  broken.write_bytes(b'\xff\xd8\xff\xe0 not really a JPEG')
+  batches = data.train_batches(f'folder:{tmp_path}', global_batch_size=2, image_size=8,
+                               seed=0)
+  with pytest.raises(ValueError, match=f'Cannot read image {broken}'):
+    next(batches)
+
+
+def test_big_jpeg_crops_are_decoded_at_a_reduced_scale_and_resampled_like_numpy(
+    tmp_path, monkeypatch):
+  """A 640x480 smooth JPEG cropped to 32x32: a 320x320 box and the evaluation box (415
+  pixels, fractional) are decoded at 1/8 scale (the boxes stay over 32 pixels wide), and
+  resampled like transforms.bilinear (no antialiasing; on a smooth image, within a few
+  levels)."""
+  cv2 = pytest.importorskip('cv2')
+  y, x = np.mgrid[0:480, 0:640]
+  smooth = np.stack([x * 255 / 639, y * 255 / 479, (x + y) * 255 / 1118], -1).astype(np.uint8)
+  path = str(tmp_path / 'big.jpg')
+  write_image(path, smooth, quality=95)
+  flags = []
+  imdecode = cv2.imdecode
+  monkeypatch.setattr(cv2, 'imdecode', lambda data, flag: flags.append(flag) or
+                      imdecode(data, flag))
+  encoded = decoding.read(path)
+  assert (encoded.height, encoded.width, encoded.jpeg) == (480, 640, True)
+  whole = decoding.decode(path)
+  for box in [(80, 100, 320, 320), transforms.eval_box(480, 640, 32, 0.875)]:
+    crop = decoding.decode_crop(encoded, *box, 32, 3)
+    assert crop.shape == (32, 32, 3) and crop.dtype == np.uint8
+    np.testing.assert_allclose(crop, transforms.bilinear(whole, *box, 32), atol=6)
+  assert flags == [cv2.IMREAD_REDUCED_COLOR_8 | cv2.IMREAD_IGNORE_ORIENTATION] * 2
+
+def test_folder_index_is_cached_and_refreshed_when_the_folder_changes(tmp_path):
+  for split in ('train', 'val'):
+    write_image(str(tmp_path / split / 'cat' / '0.png'), np.zeros((8, 8, 3), np.uint8))
+  first = folders.index(str(tmp_path))
+  assert os.path.exists(tmp_path / folders.INDEX_FILE)
+  assert first.splits['train'].paths([0]) == [str(tmp_path / 'train' / 'cat' / '0.png')]
+  write_image(str(tmp_path / 'train' / 'dog' / '1.png'), np.zeros((8, 8, 3), np.uint8))
+  second = folders.index(str(tmp_path))
+  assert second.class_names == ['cat', 'dog'] and len(second.splits['train']) == 2
+  np.testing.assert_array_equal(second.splits['train'].labels, [0, 1])
+
+
+def test_fashion_mnist_and_folders_work_without_tensorflow(jpeg_folder):
+  script = BLOCKER + f"""
+from repvgg_jax import data
+from repvgg_jax.data import folders
+for dataset in ({jpeg_folder!r}, 'fashion_mnist'):
+  for limit in (0, folders.IN_MEMORY_LIMIT_BYTES):
+    folders.IN_MEMORY_LIMIT_BYTES = limit
+    data.load.cache_clear()
+    if dataset != 'fashion_mnist' or data.debian_fashion_mnist_present():
+      train = next(data.train_batches(dataset, global_batch_size=4, image_size=8, seed=0))
+      evaluation = next(data.eval_batches(dataset, global_batch_size=4, image_size=8))
+      assert train['image'].shape[:3] == evaluation['image'].shape[:3] == (4, 8, 8)
+assert 'tensorflow' not in sys.modules
+"""
+  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------
@@ -222,7 +382,7 @@ def test_empty_folder_is_a_clear_error(tmp_path):
 def tiny_tfds(tmp_path_factory):
   """A prepared TFDS dataset of JPEGs of assorted sizes, as ImageNet is: 24 train examples,
   5 test examples labelled 0..4 (one per class)."""
-  ip._tensorflow()  # TensorFlow as the pipeline loads it (triton first)
+  data.tfds.tensorflow()  # TensorFlow as the pipeline loads it (triton first)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   class TinyJpegImages(tfds.core.GeneratorBasedBuilder):
@@ -254,19 +414,19 @@ def tiny_tfds(tmp_path_factory):
 @pytest.fixture
 def streamed(monkeypatch):
   """TFDS datasets are streamed with tf.data, as if too big for memory."""
-  ip._load.cache_clear()
-  monkeypatch.setattr(ip, 'IN_MEMORY_LIMIT_BYTES', 0)
+  data.load.cache_clear()
+  monkeypatch.setattr(data.tfds, 'IN_MEMORY_LIMIT_BYTES', 0)
   yield
-  ip._load.cache_clear()
+  data.load.cache_clear()
 
 
 def test_small_tfds_dataset_is_held_in_memory(tiny_tfds):
   dataset, data_dir = tiny_tfds
-  ip._load.cache_clear()
-  assert isinstance(ip._load(dataset, data_dir), ip._InMemory)
-  info = ip.dataset_info(dataset, data_dir)
+  data.load.cache_clear()
+  assert isinstance(data.load(dataset, data_dir), memory.InMemory)
+  info = data.dataset_info(dataset, data_dir)
   assert (info.num_classes, info.num_train, info.num_eval, info.channels) == (5, 24, 5, 3)
-  batch = next(ip.train_batches(dataset, global_batch_size=4, image_size=12, seed=0,
+  batch = next(data.train_batches(dataset, global_batch_size=4, image_size=12, seed=0,
                                 data_dir=data_dir))
   assert batch['image'].shape == (4, 12, 12, 3)
 
@@ -277,15 +437,15 @@ def test_streamed_and_in_memory_evaluation_agree(tiny_tfds, monkeypatch):
   dataset, data_dir = tiny_tfds
   kwargs = dict(global_batch_size=8, image_size=12, data_dir=data_dir, crop_fraction=0.8)
   evaluations = []
-  for limit in (ip.IN_MEMORY_LIMIT_BYTES, 0):
-    monkeypatch.setattr(ip, 'IN_MEMORY_LIMIT_BYTES', limit)
-    ip._load.cache_clear()
+  for limit in (data.tfds.IN_MEMORY_LIMIT_BYTES, 0):
+    monkeypatch.setattr(data.tfds, 'IN_MEMORY_LIMIT_BYTES', limit)
+    data.load.cache_clear()
     # Each is normalized with its own statistics (streamed: ImageNet's).
-    evaluations.append((next(ip.eval_batches(dataset, **kwargs)),
-                        ip.dataset_info(dataset, data_dir)))
-  ip._load.cache_clear()
+    evaluations.append((next(data.eval_batches(dataset, **kwargs)),
+                        data.dataset_info(dataset, data_dir)))
+  data.load.cache_clear()
   (in_memory, in_memory_info), (streamed, streamed_info) = evaluations
-  assert streamed_info.mean == ip.IMAGENET_MEAN != in_memory_info.mean
+  assert streamed_info.mean == IMAGENET_MEAN != in_memory_info.mean
   np.testing.assert_array_equal(streamed['mask'], in_memory['mask'])
   np.testing.assert_array_equal(streamed['label'], in_memory['label'])
   real = in_memory['mask'] == 1
@@ -295,12 +455,12 @@ def test_streamed_and_in_memory_evaluation_agree(tiny_tfds, monkeypatch):
 
 def test_streamed_tfds_dataset_resumes_exactly(tiny_tfds, streamed):
   dataset, data_dir = tiny_tfds
-  info = ip.dataset_info(dataset, data_dir)
+  info = data.dataset_info(dataset, data_dir)
   assert (info.num_classes, info.num_train, info.num_eval, info.channels) == (5, 24, 5, 3)
   kwargs = dict(global_batch_size=4, image_size=12, seed=0, data_dir=data_dir,
                 process_count=2, process_index=1)
-  stepped = take(ip.train_batches(dataset, **kwargs), 8)  # 3 steps per epoch: crosses two
-  resumed = take(ip.train_batches(dataset, start_step=5, **kwargs), 3)
+  stepped = take(data.train_batches(dataset, **kwargs), 8)  # 3 steps per epoch: crosses two
+  resumed = take(data.train_batches(dataset, start_step=5, **kwargs), 3)
   for a, b in zip(stepped[5:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
@@ -312,7 +472,7 @@ def test_streamed_tfds_eval_covers_every_example_once(tiny_tfds, streamed):
   dataset, data_dir = tiny_tfds
   labels = []
   for process in range(2):
-    batches = list(ip.eval_batches(dataset, global_batch_size=4, image_size=12,
+    batches = list(data.eval_batches(dataset, global_batch_size=4, image_size=12,
                                    process_index=process, process_count=2,
                                    data_dir=data_dir))
     assert len(batches) == 2  # ceil(ceil(5 / 2) / 2) on every process
@@ -323,9 +483,33 @@ def test_streamed_tfds_eval_covers_every_example_once(tiny_tfds, streamed):
   assert sorted(labels) == [0, 1, 2, 3, 4]
 
 
+def test_tensorflow_crop_geometry_equals_numpys():
+  """The streamed TFDS path computes crops in TensorFlow ops: the same boxes as numpy's."""
+  tf = data.tfds.tensorflow()
+  rng = np.random.default_rng(0)
+  count = 300
+  heights, widths = rng.integers(1, 600, count), rng.integers(1, 600, count)
+  draws = randomness.train_draws(0, 7, np.arange(count))
+  for min_scale in (0.08, 1.0):
+    crop_boxes = tf.function(lambda d, h, w, s=min_scale: tf.map_fn(
+        lambda x: data.tfds.random_resized_crop_box(x[0], x[1], x[2], s), (d, h, w),
+        fn_output_signature=tf.int32))
+    np.testing.assert_array_equal(
+        crop_boxes(draws, heights, widths).numpy(),
+        np.stack(transforms.random_resized_crop_boxes(draws, heights, widths, min_scale), 1))
+  for image_size, crop_fraction in ((224, 0.875), (13, 0.8), (32, 1.0)):
+    geometries = tf.function(lambda h, w, size=image_size, fraction=crop_fraction: tf.map_fn(
+        lambda x: data.tfds.centre_crop_geometry(x[0], x[1], size, fraction), (h, w),
+        fn_output_signature=tf.int32))
+    np.testing.assert_array_equal(
+        geometries(heights, widths).numpy(),
+        [transforms.centre_crop_geometry(h, w, image_size, crop_fraction)
+         for h, w in zip(heights, widths)])
+
+
 def test_imagenet_not_prepared_says_how_to_build_it(tmp_path):
   with pytest.raises(ValueError) as error:
-    ip.dataset_info('imagenet2012', data_dir=str(tmp_path))
+    data.dataset_info('imagenet2012', data_dir=str(tmp_path))
   message = str(error.value)
   assert os.path.join(str(tmp_path), 'downloads', 'manual') in message
   assert 'ILSVRC2012_img_train.tar' in message and 'ILSVRC2012_img_val.tar' in message
@@ -339,15 +523,15 @@ def test_imagenet_not_prepared_says_how_to_build_it(tmp_path):
 @pytest.mark.parametrize('dataset', ['tfds:no_such_dataset_xyz', 'mnits:typo', ''])
 def test_unknown_dataset_lists_what_is_accepted(dataset):
   with pytest.raises(ValueError, match='folder:/path/to/root'):
-    ip.dataset_info(dataset)
+    data.dataset_info(dataset)
 
 
 def test_batch_must_divide_among_processes():
   with pytest.raises(ValueError, match='not divisible by the number of processes 3'):
-    ip.train_batches('fashion_mnist', global_batch_size=8, image_size=8, seed=0,
+    data.train_batches('fashion_mnist', global_batch_size=8, image_size=8, seed=0,
                      process_count=3)
   with pytest.raises(ValueError, match='not divisible'):
-    ip.eval_batches('fashion_mnist', global_batch_size=8, image_size=8, process_count=3)
+    data.eval_batches('fashion_mnist', global_batch_size=8, image_size=8, process_count=3)
 
 
 # ------------------------------------------------------------------------------------------
@@ -355,9 +539,9 @@ def test_batch_must_divide_among_processes():
 
 
 def test_random_resized_crops_stay_inside_and_respect_scale_and_ratio():
-  draws = ip.train_draws(0, 0, np.arange(2000))
+  draws = randomness.train_draws(0, 0, np.arange(2000))
   heights, widths = np.full(2000, 300), np.full(2000, 200)
-  top, left, height, width = ip.random_resized_crop_boxes(draws, heights, widths, 0.08)
+  top, left, height, width = transforms.random_resized_crop_boxes(draws, heights, widths, 0.08)
   assert (top >= 0).all() and (left >= 0).all()
   assert (top + height <= 300).all() and (left + width <= 200).all()
   area = height * width / (300 * 200)

@@ -12,12 +12,13 @@ PACKAGE = ROOT / 'repvgg_jax'
 # Dependency order, lowest first: a module may import modules of earlier layers only
 # (modules of one layer do not import each other).
 LAYERS = [
-    ['variants', 'equivalence', 'autoaugment'],
-    ['winograd', 'checkpoint', 'randaugment'],
-    ['convolution', 'input_pipeline'],
-    ['blocks'],
-    ['models', 'reparam'],
-    ['torch_io', 'cli', 'onnx_export'],
+    ['variants', 'equivalence', 'autoaugment', 'data.pool', 'data.decoding'],
+    ['winograd', 'checkpoint', 'randaugment', 'data.info'],
+    ['convolution', 'data.randomness', 'data.prefetch'],
+    ['blocks', 'data.transforms', 'data.batching'],
+    ['models', 'reparam', 'data.memory'],
+    ['data.fashion_mnist', 'data.folders', 'data.tfds'],
+    ['torch_io', 'cli', 'onnx_export', 'data'],
     ['conversion', 'benchmarking', 'model_table', 'training.optimization'],
     ['training.steps'],
     ['training.parallel', 'training.state'],

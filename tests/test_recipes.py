@@ -67,9 +67,8 @@ L2PSE = {
     'custom_l2': False,             # README: the custom L2 is deprecated, not in the command
     'label_smoothing': 0.1,         # README command: MODEL.LABEL_SMOOTHING 0.1
     'mixup_alpha': 0.2,             # README command: AUG.MIXUP 0.2
-    'augment': 'randaugment',       # README command: AUG.PRESET raug15 (data/build.py)
-    'randaugment_magnitude': 15,    # data/build.py: RandAugPolicy(magnitude=15)
-    'randaugment_num_ops': 2,       # train/randaug.py: two operations per image
+    'augment': 'randaugment',       # README command: AUG.PRESET raug15 (data/build.py:
+                                    # RandAugPolicy(magnitude=15), two operations per image)
     'min_crop_scale': 0.08,         # data/build.py: RandomResizedCrop's default scale
     'image_size': 256,              # README command: DATA.IMG_SIZE 256
     'eval_image_size': 320,         # README command: DATA.TEST_SIZE 320

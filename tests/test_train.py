@@ -22,7 +22,7 @@ import pytest
 
 import repvgg_jax as rv
 from repvgg_jax import checkpoint as ckpt
-from repvgg_jax import input_pipeline
+from repvgg_jax import data
 from repvgg_jax.training import metrics, optimization, steps, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,7 @@ STEPS = 6
 ON_GPU = os.environ.get('REPVGG_TRAIN_TEST_PLATFORM', 'cpu') != 'cpu'
 REFERENCE_DEVICES = 1 if ON_GPU else 4
 
-pytestmark = pytest.mark.skipif(not input_pipeline.debian_fashion_mnist_present(),
+pytestmark = pytest.mark.skipif(not data.debian_fashion_mnist_present(),
                                 reason='needs the Debian Fashion-MNIST files')
 
 # Runs train.py on the tiny model. With SIGNAL_AFTER_FIRST_CHECKPOINT=KILL (or TERM) the

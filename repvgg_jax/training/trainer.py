@@ -7,7 +7,7 @@ line). Data parallelism is ``jax.pmap`` over this process's devices with the axi
 every process, and BatchNorm statistics and gradients are averaged over all of them.
 
 Determinism. The global batch of step ``s`` is a function of (dataset, seed, s) only (see
-``input_pipeline``), the step's random numbers are ``fold_in(PRNGKey(seed), s)`` and mixup
+``repvgg_jax.data``), the step's random numbers are ``fold_in(PRNGKey(seed), s)`` and mixup
 pairs neighbouring rows, so neither depends on how the batch is split over devices or
 processes: 1 device, 4 devices and 2 processes x 2 devices give the same losses, and a run
 restarted from its last checkpoint ends exactly where an uninterrupted one does.
@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from repvgg_jax import checkpoint, input_pipeline
+from repvgg_jax import checkpoint, data
 from repvgg_jax.evaluation import evaluate
 from repvgg_jax.convolution import check_conv_impl
 from repvgg_jax.models import DTYPES
@@ -102,7 +102,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   # ------------------------------------------------------------------ set-up
   check_config(config)
   workdir = os.path.abspath(workdir)
-  info = input_pipeline.dataset_info(config.dataset, config.data_dir or None)
+  info = data.dataset_info(config.dataset, config.data_dir or None)
   process, processes = jax.process_index(), jax.process_count()
   devices = jax.local_device_count()
   lead = process == 0
@@ -147,7 +147,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   writer.truncate_after(start_step)
 
   def eval_batches():
-    return input_pipeline.eval_batches(
+    return data.eval_batches(
         config.dataset, global_batch_size=config.eval_batch_size or config.batch_size,
         image_size=config.eval_image_size, process_index=process, process_count=processes,
         data_dir=config.data_dir or None, crop_fraction=config.crop_fraction)
@@ -163,7 +163,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   last_saved, stopped_early = start_step, False
   try:
     if start_step < total_steps:
-      batches = input_pipeline.train_batches(
+      batches = data.train_batches(
           config.dataset, global_batch_size=config.batch_size, image_size=config.image_size,
           seed=config.seed, start_step=start_step, process_index=process,
           process_count=processes, data_dir=config.data_dir or None, augment=config.augment,

@@ -1,0 +1,130 @@
+"""Worker processes that compute the rows of batches into shared memory: the trainer's
+process only plans the batches (which files, which random draws) and copies each finished
+batch out, so per-example Python (decoding, cropping) never runs under its GIL.
+
+Each batch is cut into one chunk of rows per worker; a chunk's rows depend only on its
+task, so the number of workers changes nothing in the batches. A worker that raises hands
+its error to the consumer (a file's ``UnreadableImageError`` names the file); a worker that
+dies breaks the pool with an error rather than a hang; workers end with the process they
+work for.
+
+The workers are forked from multiprocessing's fork server (started once per process, with
+this package imported), never from the trainer's process, whose JAX and TensorFlow threads
+make ``fork`` unsafe. Like any multiprocessing start method other than fork, the fork server
+imports the main script again: a script that streams a folder must start its work under
+``if __name__ == '__main__':`` (train.py and the benchmarks do).
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import concurrent.futures
+import contextlib
+import multiprocessing
+import os
+import threading
+import time
+from multiprocessing import shared_memory
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+# Decoding processes: every core (the trainer's thread mostly waits on the accelerator).
+WORKERS = max(1, min(16, os.cpu_count() or 1))
+# Batches computed ahead: enough that the workers always have a queued chunk.
+DEPTH = 3
+
+# In a worker: the batch slots in shared memory and the context of the tasks (set by _attach).
+_slots = None
+_task_context = None
+
+
+def _attach(name: str, shape: tuple[int, ...], parent: int, context: Any) -> None:
+  global _slots, _task_context
+  _task_context = context
+  # Mapped as a file, not as SharedMemory(name): in Python < 3.13 that would register the
+  # segment with the resource tracker once more, which then warns of a leak at exit.
+  _slots = np.memmap(os.path.join('/dev/shm', name), np.float32, 'r+', shape=shape)
+  threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+  """Ends this worker when the process it works for is gone (killed, or ended without
+  shutting the pool down): the workers hold their own task queue open, they would wait for
+  tasks forever."""
+  while True:
+    time.sleep(1)
+    try:
+      os.kill(parent, 0)
+    except ProcessLookupError:
+      os._exit(1)  # pylint: disable=protected-access
+
+
+def _compute(slot: int, start: int, function: Callable[..., None], rows: Sequence) -> None:
+  function(_task_context, *rows, out=_slots[slot, start:start + len(rows[0])])
+
+
+def _context() -> multiprocessing.context.BaseContext:
+  # The fork server imports this package once, so each worker starts in milliseconds.
+  context = multiprocessing.get_context('forkserver')
+  context.set_forkserver_preload(['repvgg_jax.data.folders'])
+  return context
+
+
+def map_batches(tasks: Iterator[tuple[Callable[..., None], Sequence[Sequence], Any]],
+                *, rows: int, row_shape: tuple[int, ...], context: Any = None,
+                workers: Optional[int] = None) -> Iterator[tuple[np.ndarray, Any]]:
+  """``(batch, payload)`` for each ``(function, columns, payload)`` of ``tasks``, in order:
+  ``function(context, *column_chunks, out=rows)`` fills the float32 ``[rows, *row_shape]``
+  batch chunk by chunk in worker processes (``workers``, default WORKERS). ``context``
+  (a file index) is sent to each worker once, the columns (example numbers, draws) with
+  each chunk; ``function`` must be picklable (a module-level function or a
+  ``functools.partial`` of one). The payload (labels, masks) stays in this process."""
+  workers = workers or WORKERS
+  shape = (DEPTH, rows) + tuple(row_shape)
+  shared = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)) * 4)
+  slots = np.ndarray(shape, np.float32, buffer=shared.buf)
+  executor = concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=_context(), initializer=_attach,
+      initargs=(shared.name, shape, os.getpid(), context))
+  bounds = np.linspace(0, rows, min(workers, rows) + 1).astype(int)
+  pending: collections.deque = collections.deque()
+
+  def release() -> None:
+    # At exit, if the consumer's thread has not ended this generator (the interpreter's
+    # shutdown stops the executor's threads first): the segment must not outlive us.
+    executor.shutdown(wait=False, cancel_futures=True)
+    with contextlib.suppress(FileNotFoundError):
+      shared.unlink()
+
+  atexit.register(release)
+  try:
+    tasks = iter(tasks)
+    free_slots = list(range(DEPTH))
+    while True:
+      while free_slots:
+        task = next(tasks, None)
+        if task is None:
+          break
+        function, columns, payload = task
+        slot = free_slots.pop()
+        pending.append((slot, payload, [executor.submit(_compute, slot, lo, function,
+                                               [column[lo:hi] for column in columns])
+                               for lo, hi in zip(bounds[:-1], bounds[1:])]))
+      if not pending:
+        return
+      slot, payload, futures = pending.popleft()
+      for future in futures:
+        future.result()
+      batch = slots[slot].copy()
+      free_slots.append(slot)
+      yield batch, payload
+  finally:
+    # Unlinked first (the mappings stay valid): when this runs at interpreter exit, the
+    # shutdown below may never return.
+    shared.unlink()
+    atexit.unregister(release)
+    executor.shutdown(wait=True, cancel_futures=True)
+    del slots
+    shared.close()
