@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from repvgg_jax import benchmarking, cli
+from repvgg_jax import benchmarking, cli, xla_backend
 from repvgg_jax.models import DTYPES
 from repvgg_jax.variants import list_models
 
@@ -64,9 +64,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   # Before any JAX computation: XLA reads its flags once, when the backend starts.
-  applied = benchmarking.set_cpu_flags(enable=not args.default_xla_flags)
+  applied = xla_backend.set_cpu_flags(enable=not args.default_xla_flags)
   if not applied and not args.default_xla_flags:
-    print(f'benchmark.py: note: JAX was already running, {benchmarking.CPU_FAST_FLAGS} not '
+    print(f'benchmark.py: note: JAX was already running, {xla_backend.CPU_FAST_FLAGS} not '
           'applied', file=sys.stderr)
   if args.torch:
     try:

@@ -14,7 +14,7 @@ are the median over all timed steps; TFLOP/s count 3x the forward MACs of the
 training-time graph (``models.training_macs``: forward, input and weight gradients), as a
 share of the measured dense matmul rate of ``--dtype``. JAX runs with the XLA:CPU flags of
 ``train.py``
-(``benchmarking.CPU_FAST_FLAGS``); PyTorch NCHW (``--channels-last`` for NHWC) with
+(``xla_backend.CPU_FAST_FLAGS``); PyTorch NCHW (``--channels-last`` for NHWC) with
 ``torch.set_num_threads(--threads)`` on CPU (oneDNN's channels_last backward crashed in
 torch 2.13). Prints one Markdown row per framework; ``--json FILE`` writes them as records.
 """
@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
-from repvgg_jax import benchmarking, cli
+from repvgg_jax import benchmarking, cli, xla_backend
 
 CONV_IMPLS = ('xla', 'patches')
 
@@ -137,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
     return cli.fail('benchmark_train.py', f'{args.json}: no such directory')
-  benchmarking.set_cpu_flags()  # before JAX starts, as train.py does
+  xla_backend.set_cpu_flags()  # before JAX starts, as train.py does
   import jax
 
   from repvgg_jax.models import DTYPES, training_macs

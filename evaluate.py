@@ -23,7 +23,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from repvgg_jax import benchmarking, checkpoint, cli, evaluation
+from repvgg_jax import checkpoint, cli, evaluation, xla_backend
 from repvgg_jax.training import parallel
 
 
@@ -47,8 +47,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                       help='evaluation size (default: the weights\' own)')
   parser.add_argument('--crop-fraction', type=float,
                       help='centre crop of the resized image (default: the weights\' own)')
-  parser.add_argument('--batch-size', type=cli.positive_int, default=250,
-                      help='global evaluation batch (default: 250)')
+  parser.add_argument('--batch-size', type=cli.positive_int, default=256,
+                      help='global evaluation batch, a multiple of the devices (default: 256)')
   cli.add_conv_impl(parser, help='how the convolutions are computed (repvgg_jax.convolution;'
                     ' default: xla; Winograd for the deploy model only)')
   cli.add_dtype(parser)
@@ -65,7 +65,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
-  benchmarking.set_cpu_flags()
+  xla_backend.set_cpu_flags()
   try:
     parallel.initialize_distributed(args.coordinator_address, args.num_processes,
                                     args.process_id)

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from repvgg_jax import benchmarking, checkpoint, cli
+from repvgg_jax import checkpoint, cli, xla_backend
 from repvgg_jax.training import parallel, trainer
 
 FLAGS = flags.FLAGS
@@ -49,7 +49,7 @@ def parse_args(argv: Sequence[str]):
 
 def main(args) -> int:
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-  benchmarking.set_cpu_flags()  # XLA:CPU's YNNPACK fusions slow the training step by ~20%
+  xla_backend.set_cpu_flags()  # XLA:CPU's YNNPACK fusions slow the training step by ~20%
   try:
     parallel.initialize_distributed(args.coordinator_address, args.num_processes,
                                     args.process_id)

@@ -187,7 +187,7 @@ def load_deploy(directory: str, conv_impl: str = 'auto', dtype: Any = jnp.float3
   ``forward(images)`` is the jitted deploy model (images normalized as ``metadata``
   says). ``conv_impl='auto'`` picks the fastest measured implementation for the default
   backend (``convolution.default_conv_impl``: Winograd F(4x4) on CPU at float32, XLA's
-  convolution elsewhere); on CPU also start JAX with ``bench.CPU_FAST_FLAGS``.
+  convolution elsewhere); on CPU also start JAX with ``xla_backend.CPU_FAST_FLAGS``.
   """
   variables, metadata = checkpoint.load_variables(directory)
   if metadata.get('structure') != 'deploy':

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import benchmark
-from repvgg_jax import benchmarking
+from repvgg_jax import benchmarking, xla_backend
 
 REQUIRED = {'model', 'structure', 'batch_size', 'dtype', 'image_size', 'images_per_second',
             'latency_ms_p50', 'compile_seconds', 'device'}
@@ -39,13 +39,13 @@ def test_measures_both_graphs_and_torch_and_writes_table_json_and_plot(tmp_path,
 
 def test_cpu_flag_is_accepted_by_this_jaxlib():
   # XLA aborts on an unknown flag; the child also shows set_cpu_flags runs before jax.
-  script = ('import os; from repvgg_jax import benchmarking; assert benchmarking.set_cpu_flags(); '
+  script = ('import os; from repvgg_jax import xla_backend; assert xla_backend.set_cpu_flags(); '
             'import jax; jax.numpy.ones(2).block_until_ready(); '
             'print(os.environ["XLA_FLAGS"])')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   out = subprocess.run([sys.executable, '-c', script], env=env, check=True,
                        capture_output=True, text=True).stdout
-  assert benchmarking.CPU_FAST_FLAGS in out
+  assert xla_backend.CPU_FAST_FLAGS in out
 
 
 def test_training_benchmark_times_both_frameworks():

@@ -138,6 +138,21 @@ def test_one_device_matches_four_devices(reference_run, tmp_path):
                                                         rel=1e-4)
 
 
+def test_evaluate_py_on_the_runs_checkpoint_gives_the_runs_own_evaluation(
+    reference_run, tmp_path, monkeypatch):
+  import evaluate
+  from repvgg_jax import variants
+  monkeypatch.setitem(variants.VARIANTS, 'test-tiny', variants.Variant(
+      'test-tiny', (1, 1, 1, 1), (0.125, 0.125, 0.125, 0.125)))
+  out = tmp_path / 'result.json'
+  assert evaluate.main(['--workdir', str(reference_run), '--dataset', 'fashion_mnist',
+                        '--batch-size', '2000', '--json', str(out)]) == 0
+  result, reference = json.loads(out.read_text()), final_eval(read_metrics(reference_run))
+  assert (result['count'], result['image_size']) == (10000, 16)
+  assert result['top1'] == pytest.approx(100 * reference['eval_accuracy'], abs=0.02)
+  assert result['loss'] == pytest.approx(reference['eval_loss'], rel=1e-4)
+
+
 def test_two_processes_match_one_process(reference_run, tmp_path):
   with socket.socket() as s:
     s.bind(('localhost', 0))

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from repvgg_jax import xla_backend
 from repvgg_jax.training.steps import AXIS
 
 Tree = Any
@@ -29,6 +30,8 @@ def initialize_distributed(coordinator_address: Optional[str], num_processes: Op
   if all(given):
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     return
+  if xla_backend.backends_are_initialized():
+    return  # JAX already runs here (a caller's own process): it is a single process
   # jax has no public "is a cluster detected?"; initialize() without arguments detects
   # one, and where none is it refuses with this ValueError before changing anything.
   try:
