@@ -34,7 +34,9 @@ def weight_decay_mask(params: Tree, custom_l2: bool = False) -> Tree:
   DingXiaoH/RepVGG) decays every parameter whose name contains neither 'bias' nor 'bn'.
 
   So conv and linear kernels and the identity branch's BN scale decay; biases and the BN
-  parameters of the 3x3/1x1 branches do not. With ``custom_l2`` the whole 3x3 and 1x1
+  parameters of the 3x3/1x1 branches do not. For QARepVGG blocks this is also their
+  authors' rule (cxxgtxy/QARepVGG): all kernels, the 1x1 ones included, decay; the 3x3
+  branch's BN and the BN after the sum (``bn``) do not. With ``custom_l2`` the whole 3x3 and 1x1
   branches (``rbr_dense``/``rbr_1x1`` there) get no plain decay: ``custom_l2_penalty``
   regularizes their kernels instead.
   """
