@@ -17,7 +17,7 @@ LAYERS = [
     ['convolution', 'input_pipeline'],
     ['blocks'],
     ['models', 'reparam'],
-    ['torch_io', 'cli'],
+    ['torch_io', 'cli', 'quantization'],
     ['conversion', 'benchmarking', 'model_table', 'training.optimization'],
     ['training.steps'],
     ['training.parallel', 'training.state'],
