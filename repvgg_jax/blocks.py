@@ -1,9 +1,14 @@
-"""Building blocks: conv-BN, squeeze-excite, and the RepVGG block in both structures.
+"""Building blocks: conv-BN, squeeze-excite, and the RepVGG and QARepVGG blocks in both
+structures.
 
 Parameter names mirror the three branches of the paper's Figure 4 so that the pure
-functions in ``reparam.py`` can find them: a training-time block holds ``conv3x3``
+functions in ``reparam.py`` can find them: a training-time RepVGG block holds ``conv3x3``
 (conv + BN), ``conv1x1`` (conv + BN) and, when input and output shapes agree,
-``identity`` (a BN); a deploy block holds a single biased 3x3 conv, ``reparam_conv``.
+``identity`` (a BN). A training-time QARepVGG block holds ``conv3x3`` (conv + BN),
+``conv1x1`` (a conv, no BN) and ``bn``, the BatchNorm after the sum; its identity branch
+has no parameters, so the block records it as the constant ``identity`` in
+``batch_stats`` (the stride, which decides it, is not in the variables). A deploy block
+of either kind holds a single biased 3x3 conv, ``reparam_conv``.
 
 As in the Flax ImageNet example, the model builds its layers once and hands them to every
 block: ``conv`` (``convolution.conv_layer``: how convolutions are computed, their dtype,
@@ -40,18 +45,21 @@ def batch_norm(axis_name: Optional[str] = None, dtype: Any = jnp.float32) -> Mod
 
 
 class ConvBN(nn.Module):
-  """A bias-free convolution followed by BatchNorm (``conv`` and ``bn``)."""
+  """A bias-free convolution followed by BatchNorm (``conv`` and ``bn``); with
+  ``norm=None`` the convolution alone (QARepVGG's 1x1 branch)."""
   features: int
   kernel_size: int
   strides: int = 1
   groups: int = 1
   conv: ConvLayer = conv_layer()
-  norm: ModuleDef = batch_norm()
+  norm: Optional[ModuleDef] = batch_norm()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = self.conv(self.features, self.kernel_size, self.strides, self.groups,
                   name='conv')(x)
+    if self.norm is None:
+      return x
     return self.norm(name='bn')(x, use_running_average=not train)
 
 
@@ -103,11 +111,7 @@ class RepVGGBlock(nn.Module):
       y = self.conv(self.features, 3, self.strides, self.groups, use_bias=True,
                     name='reparam_conv')(x)
     else:
-      branch = functools.partial(ConvBN, self.features, strides=self.strides,
-                                 groups=self.groups, conv=self.conv, norm=self.norm)
-      y = branch(3, name='conv3x3')(x, train) + branch(1, name='conv1x1')(x, train)
-      if x.shape[-1] == self.features and self.strides == 1:
-        y = y + self.norm(name='identity')(x, use_running_average=not train)
+      y = self.branches(x, train)
     se = SqueezeExcite(self.se_reduction, self.dense, name='se') if self.se else None
     if self.se == 'pre':
       y = se(y)
@@ -115,3 +119,45 @@ class RepVGGBlock(nn.Module):
     if self.se == 'post':
       y = se(y)
     return y
+
+  def has_identity(self, x: jax.Array) -> bool:
+    """Whether the block has an identity branch: same channels in and out, stride 1."""
+    return x.shape[-1] == self.features and self.strides == 1
+
+  def branches(self, x: jax.Array, train: bool) -> jax.Array:
+    """The training-time block before SE and ReLU: the sum of its branches."""
+    branch = functools.partial(ConvBN, self.features, strides=self.strides,
+                               groups=self.groups, conv=self.conv, norm=self.norm)
+    y = branch(3, name='conv3x3')(x, train) + branch(1, name='conv1x1')(x, train)
+    if self.has_identity(x):
+      y = y + self.norm(name='identity')(x, use_running_average=not train)
+    return y
+
+
+class QARepVGGBlock(RepVGGBlock):
+  """One QARepVGG layer (Chu et al., "Make RepVGG Greater Again: A Quantization-aware
+  Approach", 2022): ``ReLU(BN(3x3 conv-BN + 1x1 conv + x))``, or its fused 3x3 conv.
+
+  As ``QARepVGGBlockV2`` of the authors' code (cxxgtxy/QARepVGG) and YOLOv6's
+  ``QARepVGGBlock``: the 1x1 and identity branches carry no BatchNorm (theirs made the
+  fused kernel's weights and the activations too spread out for int8), and one BatchNorm
+  (``bn``) normalizes the sum, in every block, with or without the identity (which needs
+  equal channels in and out and stride 1). With ``se='pre'`` the SE block comes after
+  that BatchNorm (the authors' code puts it before, which the fused conv cannot express).
+  Same attributes and deploy structure as ``RepVGGBlock``.
+  """
+
+  def branches(self, x: jax.Array, train: bool) -> jax.Array:
+    y = (ConvBN(self.features, 3, self.strides, self.groups, self.conv, self.norm,
+                name='conv3x3')(x, train)
+         + ConvBN(self.features, 1, self.strides, self.groups, self.conv, None,
+                  name='conv1x1')(x))
+    if self.has_identity(x):
+      # A constant that tells reparam.py the sum holds x (see the module docstring).
+      self.variable('batch_stats', 'identity', lambda: jnp.ones((), jnp.float32))
+      y = y + x.astype(y.dtype)
+    return self.norm(name='bn')(y, use_running_average=not train)
+
+
+# The training-time blocks by the names of the model's ``block`` field.
+BLOCKS = {'repvgg': RepVGGBlock, 'qarepvgg': QARepVGGBlock}

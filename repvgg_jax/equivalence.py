@@ -43,7 +43,8 @@ def randomize_batch_norm(variables: dict[str, Any], seed: int = 0) -> dict[str, 
   rng = np.random.default_rng(seed)
 
   def walk(params, stats):
-    out_params, out_stats = {}, {}
+    # State that is no BN's (QARepVGG's identity marker) is kept as it is.
+    out_params, out_stats = {}, {k: v for k, v in stats.items() if k not in params}
     for key, value in params.items():
       sub_stats = stats.get(key, {})
       if _is_bn(value):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from repvgg_jax.blocks import ConvBN, ModuleDef, RepVGGBlock, batch_norm
+from repvgg_jax.blocks import BLOCKS, ConvBN, ModuleDef, RepVGGBlock, batch_norm
 from repvgg_jax.convolution import DEFAULT_KERNEL_INIT, ConvLayer, check_conv_impl, conv_layer
 from repvgg_jax.variants import (AUX_STAGES, MIN_IMAGE_SIZE, Variant, get_variant,
                                  layer_specs, stage_names)
@@ -63,6 +63,9 @@ class RepVGG(nn.Module):
       ``'winograd2'``/``'winograd4'`` for the stride-1 convs, whose variables come from
       ``convolution.transform_kernels``.
     kernel_init: initializer of the training-time conv kernels (Flax's LeCun normal).
+    block: the training-time block, ``'repvgg'`` (``blocks.RepVGGBlock``) or
+      ``'qarepvgg'`` (``blocks.QARepVGGBlock``, quantization-friendly); both fold into
+      the same deploy structure.
   """
   variant: Variant
   num_classes: int = 1000
@@ -72,16 +75,19 @@ class RepVGG(nn.Module):
   bn_axis_name: Optional[str] = None
   conv_impl: str = 'xla'
   kernel_init: Callable[..., jax.Array] = DEFAULT_KERNEL_INIT
+  block: str = 'repvgg'
 
   def setup(self):
     v = self.variant
     check_conv_impl(self.conv_impl, self.deploy)
+    if self.block not in BLOCKS:
+      raise ValueError(f'block {self.block!r}: accepted are {", ".join(BLOCKS)}')
     # The layers every block uses, built once.
     conv = conv_layer(self.conv_impl, dtype=self.dtype, precision=self.precision,
                       kernel_init=self.kernel_init)
     norm = batch_norm(self.bn_axis_name, self.dtype)
     dense = functools.partial(nn.Dense, dtype=self.dtype, precision=self.precision)
-    block = functools.partial(RepVGGBlock, se=v.se, se_reduction=v.se_reduction,
+    block = functools.partial(BLOCKS[self.block], se=v.se, se_reduction=v.se_reduction,
                               deploy=self.deploy, conv=conv, norm=norm, dense=dense)
     stages: dict[str, list[RepVGGBlock]] = {}
     for spec in layer_specs(v):
@@ -140,7 +146,8 @@ class RepVGG(nn.Module):
 def create_model(name: str, *args: Any, **kwargs: Any) -> RepVGG:
   """``RepVGG(get_variant(name), ...)``: the model called ``name`` (see ``list_models()``);
   the other arguments are ``RepVGG``'s fields after ``variant`` (``num_classes``,
-  ``deploy``, ``dtype``, ``precision``, ``bn_axis_name``, ``conv_impl``, ``kernel_init``)."""
+  ``deploy``, ``dtype``, ``precision``, ``bn_axis_name``, ``conv_impl``, ``kernel_init``,
+  ``block``)."""
   return RepVGG(get_variant(name), *args, **kwargs)
 
 

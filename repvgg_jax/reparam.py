@@ -7,6 +7,11 @@ the identity a 3x3 kernel with a 1 at the centre of each channel's own input. Co
 is linear in the kernel, so the block is one 3x3 conv with the sum of the three kernels
 and biases.
 
+A QARepVGG block (``blocks.QARepVGGBlock``) computes ``BN(BN3(conv(x, K3)) + conv(x, K1)
++ x)``: the branch sum is one conv with kernel ``K3 * t3 + pad(K1) + I`` and bias
+``beta3 - mean3 * t3``, and the BatchNorm after it folds into that biased conv the same
+way (``fuse_qa_block``).
+
 Everything here is a function of arrays and pytrees: no module instance, no mutation;
 ``reparameterize`` is jit-able and differentiable with respect to the training params.
 Kernels are in Flax's HWIO layout.
@@ -26,15 +31,18 @@ from repvgg_jax.blocks import BN_EPSILON
 Array = jax.Array
 Tree = Mapping[str, Any]
 
-# Names of the branches of a training-time block (see blocks.RepVGGBlock).
+# Names of the branches of a training-time block (blocks.RepVGGBlock), and of the
+# BatchNorm after the branch sum of a QARepVGG block (blocks.QARepVGGBlock).
 BRANCHES = ('conv3x3', 'conv1x1', 'identity')
+POST_BN = 'bn'
 
 
-def fuse_bn(kernel: Array, bn_params: Tree, bn_stats: Tree,
+def fuse_bn(kernel: Array, bn_params: Tree, bn_stats: Tree, bias: Any = 0.0,
             eps: float = BN_EPSILON) -> tuple[Array, Array]:
-  """Fold inference-mode BatchNorm into the preceding bias-free conv: ``(K', b')``."""
+  """Fold inference-mode BatchNorm into the preceding conv (bias-free, or with ``bias``):
+  ``(K', b')`` with ``K' = K * t``, ``b' = beta + (bias - mean) * t``."""
   t = bn_params['scale'] / jnp.sqrt(bn_stats['var'] + eps)
-  return kernel * t, bn_params['bias'] - bn_stats['mean'] * t
+  return kernel * t, bn_params['bias'] + (bias - bn_stats['mean']) * t
 
 
 def pad_1x1_to_3x3(kernel: Array) -> Array:
@@ -71,8 +79,24 @@ def branch_kernels(params: Tree, stats: Tree) -> list[tuple[Array, Array]]:
   return kernels
 
 
+def fuse_qa_block(params: Tree, stats: Tree) -> tuple[Array, Array]:
+  """A training-time QARepVGG block as one 3x3 kernel and bias: the BN after the sum
+  folded into ``K3 * t3 + pad(K1) [+ I]`` with bias ``beta3 - mean3 * t3``."""
+  k3, b3 = fuse_bn(params['conv3x3']['conv']['kernel'], params['conv3x3']['bn'],
+                   stats['conv3x3']['bn'])
+  kernel = k3 + pad_1x1_to_3x3(params['conv1x1']['conv']['kernel'])
+  if 'identity' in stats:
+    channels = k3.shape[-1]
+    kernel = kernel + identity_kernel(channels, channels // k3.shape[-2], k3.dtype)
+  return fuse_bn(kernel, params[POST_BN], stats[POST_BN], bias=b3)
+
+
 def fuse_block(params: Tree, stats: Tree) -> dict[str, Array]:
-  """The deploy conv ``{'kernel', 'bias'}`` of one training-time block."""
+  """The deploy conv ``{'kernel', 'bias'}`` of one training-time block, RepVGG or
+  QARepVGG (which holds a BatchNorm ``bn`` after its branch sum)."""
+  if POST_BN in params:
+    kernel, bias = fuse_qa_block(params, stats)
+    return {'kernel': kernel, 'bias': bias}
   kernels, biases = zip(*branch_kernels(params, stats))
   return {'kernel': sum(kernels), 'bias': sum(biases)}
 
@@ -80,8 +104,8 @@ def fuse_block(params: Tree, stats: Tree) -> dict[str, Array]:
 def reparameterize(variables: Tree) -> dict[str, Any]:
   """Map training-time variables to the deploy variables of the same model.
 
-  Every training-time block (a subtree holding ``conv3x3``/``conv1x1``[/``identity``])
-  becomes ``{'reparam_conv': {'kernel', 'bias'}}``; its other parameters (the SE
+  Every training-time block (a subtree holding ``conv3x3``/``conv1x1``[/``identity``],
+  or a QARepVGG block's ``conv3x3``/``conv1x1``/``bn``) becomes ``{'reparam_conv': {'kernel', 'bias'}}``; its other parameters (the SE
   block) pass through unchanged. RepVGGplus's auxiliary heads (``*_aux``), used only in
   training, are dropped. Everything else (stem-less layers, the classifier, or modules
   of a larger model around a RepVGG backbone) passes through, with its ``batch_stats``.
@@ -122,7 +146,7 @@ def _convert(params: Tree, stats: Tree, path: tuple[str, ...]) -> tuple[dict, di
   """Recursively fuse the blocks under ``params``; returns (params, leftover stats)."""
   if 'conv3x3' in params or 'conv1x1' in params:
     _check_block(params, stats, path)
-    extra = {k: v for k, v in params.items() if k not in BRANCHES}
+    extra = {k: v for k, v in params.items() if k not in BRANCHES + (POST_BN,)}
     return {'reparam_conv': fuse_block(params, stats), **extra}, {}
   if 'reparam_conv' in params:
     raise ValueError(f"{_path(path + ('reparam_conv',))}: a deploy block inside a "
@@ -165,9 +189,13 @@ def _check_block(params: Tree, stats: Tree, path: tuple[str, ...]) -> None:
   per_group, out = jnp.shape(k3)[2:]
   expected = {('conv3x3', 'conv', 'kernel'): (3, 3, per_group, out),
               ('conv1x1', 'conv', 'kernel'): (1, 1, per_group, out)}
-  bn_branches = ['conv3x3', 'conv1x1'] + (['identity'] if 'identity' in params else [])
-  for branch in bn_branches:
-    prefix = (branch,) if branch == 'identity' else (branch, 'bn')
+  if POST_BN in params:  # QARepVGG: BN on the 3x3 branch and after the sum.
+    norms = [('conv3x3', 'bn'), (POST_BN,)]
+    identity = 'identity' in stats
+  else:
+    identity = 'identity' in params
+    norms = [('conv3x3', 'bn'), ('conv1x1', 'bn')] + ([('identity',)] if identity else [])
+  for prefix in norms:
     for name in ('scale', 'bias'):
       expected[prefix + (name,)] = (out,)
     for name in ('mean', 'var'):
@@ -179,7 +207,7 @@ def _check_block(params: Tree, stats: Tree, path: tuple[str, ...]) -> None:
     got = jnp.shape(leaf(params, keys, 'params'))
     if got != shape:
       raise ValueError(f'{_path(path + keys)}: expected shape {shape}, got {got}')
-  if 'identity' in params and out % per_group:
+  if identity and out % per_group:
     raise ValueError(f'{_path(path)}: an identity branch needs in == out channels, but '
                      f'{out} outputs are not a multiple of {per_group} inputs per group')
 

@@ -335,6 +335,11 @@ def _is_deploy_tree(variables: Mapping[str, Any]) -> bool:
   return isinstance(stem, Mapping) and 'reparam_conv' in stem
 
 
+def _is_qarepvgg_tree(variables: Mapping[str, Any]) -> bool:
+  stem = variables.get('params', {}).get('stage0', {})
+  return isinstance(stem, Mapping) and 'conv3x3' in stem and 'bn' in stem
+
+
 def to_torch_state_dict(variables: Mapping[str, Any], name: str, naming: str = 'official',
                         framework: str = 'numpy') -> dict[str, Any]:
   """The PyTorch state dict of Flax ``variables`` of ``name``, the inverse of
@@ -351,12 +356,19 @@ def to_torch_state_dict(variables: Mapping[str, Any], name: str, naming: str = '
     name: the variant.
     naming: ``'official'`` or ``'timm'`` (not for RepVGGplus, which timm lacks).
     framework: ``'numpy'`` (arrays; no torch needed) or ``'torch'`` (tensors).
+
+  A training-time QARepVGG tree is refused: no public PyTorch classifier names its
+  blocks (YOLOv6 uses them inside detectors only); its deploy tree is a plain RepVGG
+  deploy tree and exports as one.
   """
   if framework not in ('numpy', 'torch'):
     raise ValueError(f"framework {framework!r}: accepted are 'numpy', 'torch'")
   if not isinstance(variables, Mapping) or 'params' not in variables:
     raise ValueError("expected Flax variables {'params'[, 'batch_stats']}, got "
                      f'{type(variables).__name__}')
+  if _is_qarepvgg_tree(variables):
+    raise ValueError('QARepVGG training-time weights have no PyTorch naming mapped; export '
+                     'rv.reparameterize(variables), a plain RepVGG deploy tree, instead')
   deploy = _is_deploy_tree(variables)
   linear = variables['params'].get('linear')
   num_classes = int(np.shape(linear['kernel'])[1]) if linear else 0

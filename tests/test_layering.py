@@ -18,7 +18,7 @@ LAYERS = [
     ['blocks', 'data.transforms', 'data.batching'],
     ['models', 'reparam', 'data.memory'],
     ['data.fashion_mnist', 'data.folders', 'data.tfds'],
-    ['torch_io', 'cli', 'onnx_export', 'data'],
+    ['torch_io', 'cli', 'onnx_export', 'quantization', 'data'],
     ['conversion', 'benchmarking', 'model_table', 'training.optimization'],
     ['training.steps'],
     ['training.parallel', 'training.state'],

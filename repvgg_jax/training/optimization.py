@@ -44,9 +44,12 @@ def weight_decay_mask(params: Tree, custom_l2: bool = False, rule: str = 'repvgg
     there by name).
 
   On RepVGG's parameters both select the conv, SE and linear kernels and the identity
-  branch's BN scale, and leave biases and the 3x3/1x1 branches' BN parameters alone.
-  With ``custom_l2`` the whole 3x3 and 1x1 branches (``rbr_dense``/``rbr_1x1`` there) get
-  no plain decay: ``custom_l2_penalty`` regularizes their kernels instead.
+  branch's BN scale, and leave biases and the 3x3/1x1 branches' BN parameters alone. For
+  QARepVGG blocks ``'repvgg'`` is also their authors' rule (cxxgtxy/QARepVGG): all
+  kernels, the 1x1 ones included, decay; the 3x3 branch's BN and the BN after the sum
+  (``bn``) do not. With ``custom_l2`` the whole 3x3 and 1x1 branches
+  (``rbr_dense``/``rbr_1x1`` there) get no plain decay: ``custom_l2_penalty`` regularizes
+  their kernels instead.
   """
   if rule not in WEIGHT_DECAY_RULES:
     raise ValueError(f'weight_decay_rule {rule!r}: accepted are {", ".join(WEIGHT_DECAY_RULES)}')

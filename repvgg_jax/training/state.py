@@ -25,16 +25,17 @@ class InitError(ValueError):
 
 def model_of(config: Any, num_classes: int, deploy: bool = False) -> RepVGG:
   """The model a training config trains (``deploy``: its inference structure), computing
-  in ``config.dtype`` with ``config.conv_impl``; the training-time structure averages
-  BatchNorm statistics over ``AXIS`` and draws its conv kernels with variance
-  ``config.conv_init_scale / fan_in``."""
+  in ``config.dtype`` with ``config.conv_impl``; the training-time structure is built of
+  ``config.block`` blocks, averages BatchNorm statistics over ``AXIS`` and draws its conv
+  kernels with variance ``config.conv_init_scale / fan_in``."""
   if deploy:
     return create_model(config.model, num_classes, deploy=True, dtype=DTYPES[config.dtype],
                         conv_impl=config.conv_impl)
   kernel_init = nn.initializers.variance_scaling(config.conv_init_scale, 'fan_in',
                                                  'truncated_normal')
   return create_model(config.model, num_classes, dtype=DTYPES[config.dtype],
-                      bn_axis_name=AXIS, conv_impl=config.conv_impl, kernel_init=kernel_init)
+                      bn_axis_name=AXIS, conv_impl=config.conv_impl, kernel_init=kernel_init,
+                      block=config.block)
 
 
 def initializer(model: nn.Module, image_size: int, channels: int

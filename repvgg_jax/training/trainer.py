@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from repvgg_jax import checkpoint, data
+from repvgg_jax.blocks import BLOCKS
 from repvgg_jax.evaluation import evaluate
 from repvgg_jax.convolution import check_conv_impl
 from repvgg_jax.models import DTYPES
@@ -57,6 +58,13 @@ def check_config(config: Any) -> None:
     check_conv_impl(config.conv_impl, deploy=False)
   except ValueError as e:
     raise TrainingError(str(e)) from None
+  if config.block not in BLOCKS:
+    raise TrainingError(f'block {config.block!r}: accepted are {", ".join(BLOCKS)}')
+  if config.custom_l2 and config.block != 'repvgg':
+    # get_custom_L2 regularizes the BN-scaled branch kernels of the RepVGG block; the
+    # QARepVGG recipe (cxxgtxy/QARepVGG, train_QAV2_B0.sh) uses plain weight decay.
+    raise TrainingError(f'custom_l2 is defined for the repvgg block only, not '
+                        f'{config.block!r}; set custom_l2=False (plain weight decay)')
   devices = jax.device_count()
   if config.batch_size <= 0 or config.batch_size % devices:
     raise TrainingError(f'batch_size {config.batch_size} must be a positive multiple of the '
