@@ -274,7 +274,8 @@ def test_streamed_folder_batches_are_deterministic_whatever_the_workers(
 def test_streamed_folder_crops_follow_the_in_memory_plan(jpeg_folder, streamed_folders,
                                                          monkeypatch):
   """Whole-image crops of the square grayscale images: the streamed batch holds the same
-  examples, mirrored alike, as the in-memory one (resampled by Pillow instead of numpy)."""
+  examples, mirrored alike, as the in-memory one (decoded and resampled by OpenCV instead
+  of Pillow and numpy)."""
   kwargs = dict(global_batch_size=12, image_size=50, seed=0, min_crop_scale=1.0)
   streamed = next(data.train_batches(jpeg_folder, **kwargs))
   streamed_info = data.dataset_info(jpeg_folder)

@@ -91,12 +91,15 @@ def map_batches(tasks: Iterator[tuple[Callable[..., None], Sequence[Sequence], A
   bounds = np.linspace(0, rows, min(workers, rows) + 1).astype(int)
   pending: collections.deque = collections.deque()
 
+  def unlink() -> None:
+    with contextlib.suppress(FileNotFoundError):  # by the other of release() and finally
+      shared.unlink()
+
   def release() -> None:
     # At exit, if the consumer's thread has not ended this generator (the interpreter's
     # shutdown stops the executor's threads first): the segment must not outlive us.
     executor.shutdown(wait=False, cancel_futures=True)
-    with contextlib.suppress(FileNotFoundError):
-      shared.unlink()
+    unlink()
 
   atexit.register(release)
   try:
@@ -109,9 +112,9 @@ def map_batches(tasks: Iterator[tuple[Callable[..., None], Sequence[Sequence], A
           break
         function, columns, payload = task
         slot = free_slots.pop()
-        pending.append((slot, payload, [executor.submit(_compute, slot, lo, function,
-                                               [column[lo:hi] for column in columns])
-                               for lo, hi in zip(bounds[:-1], bounds[1:])]))
+        futures = [executor.submit(_compute, slot, lo, function, [c[lo:hi] for c in columns])
+                   for lo, hi in zip(bounds[:-1], bounds[1:])]
+        pending.append((slot, payload, futures))
       if not pending:
         return
       slot, payload, futures = pending.popleft()
@@ -123,7 +126,7 @@ def map_batches(tasks: Iterator[tuple[Callable[..., None], Sequence[Sequence], A
   finally:
     # Unlinked first (the mappings stay valid): when this runs at interpreter exit, the
     # shutdown below may never return.
-    shared.unlink()
+    unlink()
     atexit.unregister(release)
     executor.shutdown(wait=True, cancel_futures=True)
     del slots
