@@ -356,6 +356,18 @@ def test_folder_index_is_cached_and_refreshed_when_the_folder_changes(tmp_path):
   np.testing.assert_array_equal(second.splits['train'].labels, [0, 1])
 
 
+def test_folder_index_goes_to_the_user_cache_when_the_folder_is_not_writable(
+    tmp_path, monkeypatch):
+  root = tmp_path / 'images'
+  for split in ('train', 'val'):
+    write_image(str(root / split / 'cat' / '0.png'), np.zeros((8, 8, 3), np.uint8))
+  (root / folders.INDEX_FILE).mkdir()  # the index file cannot be written there
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  in_folder, in_cache = folders.index_paths(str(root))
+  assert in_cache.startswith(str(tmp_path / 'cache'))
+  assert len(folders.index(str(root)).splits['val']) == 1
+  assert os.path.isfile(in_cache) and os.path.isdir(in_folder)
+
 def test_fashion_mnist_and_folders_work_without_tensorflow(jpeg_folder):
   script = BLOCKER + f"""
 from repvgg_jax import data
