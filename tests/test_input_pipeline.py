@@ -274,7 +274,8 @@ def test_streamed_folder_batches_are_deterministic_whatever_the_workers(
 def test_streamed_folder_crops_follow_the_in_memory_plan(jpeg_folder, streamed_folders,
                                                          monkeypatch):
   """Whole-image crops of the square grayscale images: the streamed batch holds the same
-  examples, mirrored alike, as the in-memory one (resampled by Pillow instead of numpy)."""
+  examples, mirrored alike, as the in-memory one (decoded and resampled by OpenCV instead
+  of Pillow and numpy)."""
   kwargs = dict(global_batch_size=12, image_size=50, seed=0, min_crop_scale=1.0)
   streamed = next(data.train_batches(jpeg_folder, **kwargs))
   streamed_info = data.dataset_info(jpeg_folder)
@@ -354,6 +355,18 @@ def test_folder_index_is_cached_and_refreshed_when_the_folder_changes(tmp_path):
   assert second.class_names == ['cat', 'dog'] and len(second.splits['train']) == 2
   np.testing.assert_array_equal(second.splits['train'].labels, [0, 1])
 
+
+def test_folder_index_goes_to_the_user_cache_when_the_folder_is_not_writable(
+    tmp_path, monkeypatch):
+  root = tmp_path / 'images'
+  for split in ('train', 'val'):
+    write_image(str(root / split / 'cat' / '0.png'), np.zeros((8, 8, 3), np.uint8))
+  (root / folders.INDEX_FILE).mkdir()  # the index file cannot be written there
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  in_folder, in_cache = folders.index_paths(str(root))
+  assert in_cache.startswith(str(tmp_path / 'cache'))
+  assert len(folders.index(str(root)).splits['val']) == 1
+  assert os.path.isfile(in_cache) and os.path.isdir(in_folder)
 
 def test_fashion_mnist_and_folders_work_without_tensorflow(jpeg_folder):
   script = BLOCKER + f"""

@@ -24,7 +24,7 @@ streamed with tf.data (``tfds``). Only TFDS datasets import TensorFlow.
 Modules: ``info`` (DatasetInfo), ``randomness`` (the counter-based hash of every random
 choice, the epoch order), ``transforms`` (crop geometry, resampling, flip, normalization),
 ``batching`` (which examples and draws make each batch of each process), ``memory``,
-``fashion_mnist``, ``folders``, ``decoding`` (Pillow), ``pool`` (worker processes),
+``fashion_mnist``, ``folders``, ``decoding`` (Pillow, OpenCV), ``pool`` (worker processes),
 ``tfds``, ``prefetch`` (the background thread).
 
 Determinism. The training batch at step ``s`` is a pure function of (dataset, seed, s,

@@ -6,9 +6,11 @@ folder is read-only, in ``$XDG_CACHE_HOME/repvgg_jax/``); the cache is rebuilt w
 modification time of any of its directories changes (a file added, removed or renamed).
 Folders whose files take less than IN_MEMORY_LIMIT_BYTES are decoded into memory once, and
 normalized by their own pixel statistics; bigger ones are streamed: each batch is decoded
-from the files in worker processes (``pool``), crops decoded at the size they need, with
-the same plans of examples and random draws as in memory (``batching``), and ImageNet's
-normalization. Streamed images are RGB.
+from the files in worker processes (``pool``: a script must run under
+``if __name__ == '__main__':``), crops decoded at the size they need, with the same plans
+of examples and random draws as in memory (``batching``), and ImageNet's normalization.
+Streamed images are RGB; their memory does not grow with the number of images (the
+index: about 50 bytes per file).
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ from repvgg_jax.data import batching, transforms
 from repvgg_jax.data.info import Batch, DatasetInfo
 
 
+# Pixels per step of the statistics (an int64 copy of 64 MiB).
+_STATISTICS_CHUNK = 1 << 23
+
+
 class Images:
   """Decoded uint8 HWC images: one stacked array when they share a shape, else a list."""
 
@@ -39,17 +43,16 @@ class Images:
 
   def statistics(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of the pixels, in [0, 255] units."""
+    # Integer sums, exact in any order and chunk by chunk: no float64 copy of the dataset.
     if isinstance(self.images, np.ndarray):
-      channels = self.images.shape[-1]
-      pixels = self.images.reshape(-1, channels)
-      total, total_sq, count = (pixels.sum(0, np.float64),
-                                np.square(pixels, dtype=np.float64).sum(0), len(pixels))
+      pixels = self.images.reshape(-1, self.images.shape[-1])
+      chunks = [pixels[i:i + _STATISTICS_CHUNK]
+                for i in range(0, len(pixels), _STATISTICS_CHUNK)]
     else:
-      total = sum(image.reshape(-1, image.shape[-1]).sum(0, np.float64)
-                  for image in self.images)
-      total_sq = sum(np.square(image.reshape(-1, image.shape[-1]), dtype=np.float64).sum(0)
-                     for image in self.images)
-      count = sum(image.shape[0] * image.shape[1] for image in self.images)
+      chunks = [image.reshape(-1, image.shape[-1]) for image in self.images]
+    total = sum(chunk.sum(0, np.int64) for chunk in chunks)
+    total_sq = sum(np.square(chunk, dtype=np.int64).sum(0) for chunk in chunks)
+    count = sum(len(chunk) for chunk in chunks)
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)

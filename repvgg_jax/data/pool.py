@@ -66,9 +66,10 @@ def _compute(slot: int, start: int, function: Callable[..., None], rows: Sequenc
 
 
 def _context() -> multiprocessing.context.BaseContext:
-  # The fork server imports this package once, so each worker starts in milliseconds.
+  # The fork server imports this package (and OpenCV, when installed) once, so each worker
+  # starts in milliseconds.
   context = multiprocessing.get_context('forkserver')
-  context.set_forkserver_preload(['repvgg_jax.data.folders'])
+  context.set_forkserver_preload(['repvgg_jax.data.folders', 'cv2'])
   return context
 
 
@@ -91,12 +92,15 @@ def map_batches(tasks: Iterator[tuple[Callable[..., None], Sequence[Sequence], A
   bounds = np.linspace(0, rows, min(workers, rows) + 1).astype(int)
   pending: collections.deque = collections.deque()
 
+  def unlink() -> None:
+    with contextlib.suppress(FileNotFoundError):  # by the other of release() and finally
+      shared.unlink()
+
   def release() -> None:
     # At exit, if the consumer's thread has not ended this generator (the interpreter's
     # shutdown stops the executor's threads first): the segment must not outlive us.
     executor.shutdown(wait=False, cancel_futures=True)
-    with contextlib.suppress(FileNotFoundError):
-      shared.unlink()
+    unlink()
 
   atexit.register(release)
   try:
@@ -109,9 +113,9 @@ def map_batches(tasks: Iterator[tuple[Callable[..., None], Sequence[Sequence], A
           break
         function, columns, payload = task
         slot = free_slots.pop()
-        pending.append((slot, payload, [executor.submit(_compute, slot, lo, function,
-                                               [column[lo:hi] for column in columns])
-                               for lo, hi in zip(bounds[:-1], bounds[1:])]))
+        futures = [executor.submit(_compute, slot, lo, function, [c[lo:hi] for c in columns])
+                   for lo, hi in zip(bounds[:-1], bounds[1:])]
+        pending.append((slot, payload, futures))
       if not pending:
         return
       slot, payload, futures = pending.popleft()
@@ -123,7 +127,7 @@ def map_batches(tasks: Iterator[tuple[Callable[..., None], Sequence[Sequence], A
   finally:
     # Unlinked first (the mappings stay valid): when this runs at interpreter exit, the
     # shutdown below may never return.
-    shared.unlink()
+    unlink()
     atexit.unregister(release)
     executor.shutdown(wait=True, cancel_futures=True)
     del slots
