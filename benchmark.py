@@ -41,7 +41,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                       help=f'with --torch, from: {", ".join(benchmarking.TORCH_VARIANTS)}')
   parser.add_argument('--onnx-runtimes', type=cli.choices(benchmarking.ONNX_RUNTIMES),
                       default=[], help='also run the ONNX export of the deploy model (float32, '
-                      f'CPU) in these, comma-separated from: {", ".join(benchmarking.ONNX_RUNTIMES)}')
+                      'CPU) in these, comma-separated from: '
+                      f'{", ".join(benchmarking.ONNX_RUNTIMES)}')
   parser.add_argument('--threads', type=cli.positive_int,
                       help='CPU threads of PyTorch and the ONNX runtimes (default: each '
                       'one\'s own choice)')

@@ -40,6 +40,9 @@ VAL_IMAGES = 20
 IMAGE_SHAPE = (375, 500)
 
 
+# The value parsers of repvgg_jax.cli, restated: importing anything of the package loads
+# JAX, and the measuring processes of the anchors (tf.data, torchvision) must not carry it
+# (their peak memory is measured).
 def _positive_ints(text: str) -> list[int]:
   try:
     values = [int(v) for v in text.split(',') if v]

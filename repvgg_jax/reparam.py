@@ -105,8 +105,9 @@ def reparameterize(variables: Tree) -> dict[str, Any]:
   """Map training-time variables to the deploy variables of the same model.
 
   Every training-time block (a subtree holding ``conv3x3``/``conv1x1``[/``identity``],
-  or a QARepVGG block's ``conv3x3``/``conv1x1``/``bn``) becomes ``{'reparam_conv': {'kernel', 'bias'}}``; its other parameters (the SE
-  block) pass through unchanged. RepVGGplus's auxiliary heads (``*_aux``), used only in
+  or a QARepVGG block's ``conv3x3``/``conv1x1``/``bn``) becomes
+  ``{'reparam_conv': {'kernel', 'bias'}}``; its other parameters (the SE block) pass
+  through unchanged. RepVGGplus's auxiliary heads (``*_aux``), used only in
   training, are dropped. Everything else (stem-less layers, the classifier, or modules
   of a larger model around a RepVGG backbone) passes through, with its ``batch_stats``.
 

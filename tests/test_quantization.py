@@ -31,7 +31,8 @@ def quantized(deploy):
 def test_int8_agrees_with_float_on_98_percent_of_predictions(deploy, quantized):
   model, variables, _, test = deploy
   expected = np.asarray(np.argmax(jax.jit(model.apply)(variables, test), -1))
-  got = np.asarray(np.argmax(jax.jit(quantization.quantized_model(model).apply)(quantized[1], test), -1))
+  quantized_model = quantization.quantized_model(model)
+  got = np.asarray(np.argmax(jax.jit(quantized_model.apply)(quantized[1], test), -1))
   assert len(set(expected)) > 1  # a constant prediction would agree with anything
   assert np.mean(got == expected) >= 0.98
 

@@ -45,7 +45,11 @@ def decode(path: str, channels: Optional[int] = None) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _cv2():
-  import cv2  # pylint: disable=g-import-not-at-top
+  try:
+    import cv2  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError('streamed image folders decode their crops with OpenCV: pip install '
+                      'opencv-python-headless') from None
   cv2.setNumThreads(1)  # the worker processes are the parallelism
   return cv2
 

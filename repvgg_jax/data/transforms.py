@@ -126,8 +126,8 @@ def normalize(images: np.ndarray, info: DatasetInfo,
 def finish_train_images(images: np.ndarray, draws: np.ndarray, augment: str,
                         info: DatasetInfo, out: Optional[np.ndarray] = None) -> np.ndarray:
   """Cropped images in pixel units -> flipped (not with 'crop'), optionally Auto- or
-  RandAugmented, normalized float32. Float images are copied; uint8 ones (flipped in place) stay uint8
-  until normalized, which is cheaper, into ``out`` when given."""
+  RandAugmented, normalized float32. Float images are copied; uint8 ones (flipped in place)
+  stay uint8 until normalized, which is cheaper, into ``out`` when given."""
   images = images if images.dtype == np.uint8 else writable_float32(images)
   if augment != 'crop':
     flip = draws[:, randomness.FLIP] < 0.5

@@ -80,6 +80,9 @@ def check_config(config: Any) -> None:
                         f'{", ".join(optimization.WEIGHT_DECAY_RULES)}')
   if not config.conv_init_scale > 0:
     raise TrainingError(f'conv_init_scale must be positive, got {config.conv_init_scale}')
+  for field in ('log_every_steps', 'checkpoint_every_steps'):
+    if config[field] <= 0:
+      raise TrainingError(f'{field} must be a positive number of steps, got {config[field]}')
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise TrainingError('set num_epochs or num_train_steps to a positive number')
 
