@@ -6,7 +6,8 @@ Command::
 
 Expected: 90.53% test accuracy for both the training-time and the deploy model (90.52%
 with seed 1), in 463 s of wall time from a fresh clone on the 2-core development VM, about
-540 s at the slowest speed that VM has shown (docs/benchmarks.md).
+540 s at the slowest speed that VM has shown; 90.59% on another 2-core VM, whose CPU gives
+XLA other kernels (docs/benchmarks.md).
 
 The full-width RepVGG-A0 sees the 28x28 grey images resized to 32x32 (the largest size
 whose stage 3 still runs on 2x2 maps, so no slower than 28x28), flipped at random; the

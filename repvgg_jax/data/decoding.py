@@ -6,7 +6,7 @@ that the caller can choose the box; ``decode_crop`` then decodes a JPEG at the s
 scale (1/2, 1/4, 1/8: OpenCV's ``IMREAD_REDUCED_*``) that keeps the box at least the output
 size, and resamples the box by bilinear interpolation at half-pixel centres without
 antialiasing, as ``transforms.bilinear`` and tf.image.resize do. Measured per 500x375 JPEG
-on this project's 2-core machine (docs/input_pipeline_benchmark.md): Pillow decode +
+on this project's 2-core machine (docs/benchmarks.md, "Input pipeline"): Pillow decode +
 antialiased resize of a 400x300 box 2.6 ms, OpenCV decode + resize 1.5 ms.
 """
 
