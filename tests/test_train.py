@@ -37,13 +37,17 @@ pytestmark = pytest.mark.skipif(not data.debian_fashion_mnist_present(),
                                 reason='needs the Debian Fashion-MNIST files')
 
 # Runs train.py on the tiny model. With SIGNAL_AFTER_FIRST_CHECKPOINT=KILL (or TERM) the
-# process sends itself that signal once its first checkpoint is complete on disk.
+# process sends itself that signal once its first checkpoint is complete on disk; with
+# STREAM_FOLDERS=1 image folders of any size are streamed (decoded by worker processes).
 DRIVER = textwrap.dedent('''
     import os, signal, sys
     import jax
     from repvgg_jax import checkpoint as ckpt, variants
     variants.VARIANTS['test-tiny'] = variants.Variant(
         'test-tiny', (1, 1, 1, 1), (0.125, 0.125, 0.125, 0.125))
+    if os.environ.get('STREAM_FOLDERS'):
+      from repvgg_jax.data import folders
+      folders.IN_MEMORY_LIMIT_BYTES = 0
     if os.environ.get('SIGNAL_AFTER_FIRST_CHECKPOINT'):
       signum = getattr(signal, 'SIG' + os.environ['SIGNAL_AFTER_FIRST_CHECKPOINT'])
       make_manager = ckpt.checkpoint_manager
@@ -178,6 +182,38 @@ def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path):
   ours, reference = read_metrics(tmp_path), read_metrics(reference_run)
   assert train_losses(ours) == train_losses(reference)
   assert final_eval(ours) == final_eval(reference)
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+  """3 classes of random JPEGs: 6 training and 3 validation images each."""
+  from PIL import Image
+  root = tmp_path_factory.mktemp('folder')
+  rng = np.random.default_rng(0)
+  for split, count in (('train', 6), ('val', 3)):
+    for name in ('ant', 'bee', 'cow'):
+      os.makedirs(root / split / name)
+      for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (20, 24 + i, 3), dtype=np.uint8)).save(
+            root / split / name / f'{i}.jpg')
+  return f'folder:{root}'
+
+
+def test_a_killed_run_on_a_streamed_folder_resumes_to_the_same_result(image_folder,
+                                                                       tmp_path):
+  extra = [f'--config.dataset={image_folder}', '--config.eval_batch_size=8']
+  env = {'STREAM_FOLDERS': '1'}
+  code, _, err = run_training(tmp_path / 'whole', extra=extra, env=env)
+  assert code == 0, err
+  code, _, _ = run_training(tmp_path / 'resumed', extra=extra,
+                            env={**env, 'SIGNAL_AFTER_FIRST_CHECKPOINT': 'KILL'})
+  assert code == -signal.SIGKILL
+  code, _, err = run_training(tmp_path / 'resumed', extra=extra, env=env)
+  assert code == 0, err
+  whole, resumed = read_metrics(tmp_path / 'whole'), read_metrics(tmp_path / 'resumed')
+  assert sorted(train_losses(resumed)) == list(range(1, STEPS + 1))
+  assert train_losses(resumed) == train_losses(whole)
+  assert final_eval(resumed) == final_eval(whole)
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
