@@ -53,12 +53,24 @@ def _exit_with(parent: int) -> None:
   """Ends this worker when the process it works for is gone (killed, or ended without
   shutting the pool down): the workers hold their own task queue open, they would wait for
   tasks forever."""
-  while True:
+  while _alive(parent):
     time.sleep(1)
-    try:
-      os.kill(parent, 0)
-    except ProcessLookupError:
-      os._exit(1)  # pylint: disable=protected-access
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  # A process that was killed but not yet reaped is a zombie: it still answers kill(pid, 0),
+  # and whoever will reap it may first read its output pipes to their end, which the
+  # workers hold open (a deadlock, seen with subprocess.communicate).
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except OSError:  # no /proc (not Linux): kill(pid, 0) is all there is
+    return True
 
 
 def _compute(slot: int, start: int, function: Callable[..., None], rows: Sequence) -> None:
