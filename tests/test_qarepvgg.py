@@ -153,3 +153,15 @@ def test_training_config_selects_the_block_and_refuses_custom_l2():
   config.custom_l2, config.block = False, 'qa'
   with pytest.raises(trainer.TrainingError, match="block 'qa': accepted are repvgg, qarepvgg"):
     trainer.check_config(config)
+
+
+def test_conversion_checks_and_verifies_qarepvgg_trees(a0):
+  from repvgg_jax import checkpoint, conversion
+
+  _, variables, _ = a0
+  conversion.check_structure(variables, 'RepVGG-A0', 10, False, 'run', 3, block='qarepvgg')
+  with pytest.raises(checkpoint.CheckpointError, match='run: not a training-time RepVGG-A0'):
+    conversion.check_structure(variables, 'RepVGG-A0', 10, False, 'run', 3)
+  error = conversion.verify_deploy('RepVGG-A0', 10, variables, rv.reparameterize(variables),
+                                   32, block='qarepvgg')
+  assert error <= TOLERANCE
