@@ -12,15 +12,16 @@ model computes on
   histogram of |x| has the least squared error).
 
 ``keep_float`` leaves layers in float, by default the first (``stage0``, which sees the
-raw image) and the classifier (``linear``), as int8 deployments usually do.
+normalized image) and the classifier (``linear``), as int8 deployments usually do.
 
 qwix (Google's JAX quantization library) runs the quantized model: ``quantized_model`` is
 the deploy model under qwix's PTQ provider, and ``quantize`` makes its variables from the
 float deploy variables and the ranges, which it hands to qwix as static-range statistics
 of one sample each. (qwix's own static calibration averages each image's absmax over the
-batches; it has no percentile nor MSE calibration.) The result is simulated int8: int8
-tensors with float scales, computed as XLA's convolutions of the dequantized values, which
-is what a QDQ graph describes; ``int8_layers`` lists the tensors such a graph needs.
+batches; it has no percentile nor MSE calibration.) qwix convolves the int8 values
+themselves (XLA's integer convolution) and rescales the result in float, an int8 engine's
+arithmetic, which a QDQ graph describes too; ``int8_layers`` lists the tensors such a graph
+needs.
 
     ranges = calibrate(deploy, deploy_vars, batches, 'percentile')
     int8_vars = quantize(deploy, deploy_vars, ranges)
