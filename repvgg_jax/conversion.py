@@ -41,33 +41,35 @@ class ConversionError(ValueError):
 
 
 def check_structure(variables: Any, model: str, num_classes: int, deploy: bool,
-                    where: str, channels: int = 3) -> None:
+                    where: str, channels: int = 3, block: str = 'repvgg') -> None:
   """Raise CheckpointError (``where`` first) naming the leaves that do not fit the model
   (``models.check_variables``): a checkpoint of another model, say."""
   try:
-    check_variables(variables, model, num_classes, deploy, channels)
+    check_variables(variables, model, num_classes, deploy, channels, block)
   except ValueError as e:
     raise checkpoint.CheckpointError(f'{where}: {e}') from None
 
 
 def verify_deploy(model: str, num_classes: int, train_variables: Any, deploy_variables: Any,
                   image_size: int, conv_impl: str = 'xla', channels: int = 3,
-                  batch_size: int = 2, seed: int = 0) -> float:
+                  batch_size: int = 2, seed: int = 0, block: str = 'repvgg') -> float:
   """Relative error of the deploy model's logits against the training-time model's (eval
-  mode) on a random normal batch, both at float32 and full matmul precision."""
+  mode, of ``block`` blocks) on a random normal batch, both at float32 and full matmul
+  precision."""
   x = jax.random.normal(jax.random.PRNGKey(seed),
                         (batch_size, image_size, image_size, channels))
-  reference = _exact_forward(model, num_classes, False, 'xla')(train_variables, x)
+  reference = _exact_forward(model, num_classes, False, 'xla', block)(train_variables, x)
   output = _exact_forward(model, num_classes, True, conv_impl)(deploy_variables, x)
   return relative_error(output, reference)
 
 
 @functools.lru_cache(maxsize=16)
-def _exact_forward(model: str, num_classes: int, deploy: bool, conv_impl: str) -> Any:
+def _exact_forward(model: str, num_classes: int, deploy: bool, conv_impl: str,
+                   block: str = 'repvgg') -> Any:
   # One jitted function per model, so that converting several checkpoints of a model in
   # one process compiles it once.
   net = create_model(model, num_classes, deploy=deploy, precision='highest',
-                     conv_impl=conv_impl)
+                     conv_impl=conv_impl, block=block)
   return jax.jit(net.apply)
 
 
@@ -135,14 +137,15 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
   mean = run.get('mean', checkpoint.IMAGENET_MEAN)
   std = run.get('std', checkpoint.IMAGENET_STD)
   channels = len(mean)  # one normalization constant per input channel (1 for grey)
+  block = run.get('config', {}).get('block', 'repvgg')  # runs before QARepVGG lack it
   check_structure(train_variables, run_model, num_classes, False, f'{workdir} step {step}',
-                  channels)
+                  channels, block)
   log(f'{run_model}: step {step} of {workdir}, {num_classes} classes, {image_size}px')
 
   deploy_variables = jax.tree_util.tree_map(np.asarray, reparameterize(train_variables))
   checked = convolution.transform_kernels(deploy_variables, run_model, conv_impl)
   error = verify_deploy(run_model, num_classes, train_variables, checked, image_size,
-                        conv_impl, channels)
+                        conv_impl, channels, block=block)
   log(f'deploy ({conv_impl}) vs training-time logits: relative error {error:.2e} '
       f'(limit {TOLERANCE:.0e})')
   if not error <= TOLERANCE:

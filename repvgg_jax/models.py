@@ -196,11 +196,12 @@ def variable_shapes(model: nn.Module, channels: int = 3) -> dict[str, Any]:
 
 
 def check_variables(variables: Any, name: str, num_classes: int, deploy: bool,
-                    channels: int = 3) -> None:
+                    channels: int = 3, block: str = 'repvgg') -> None:
   """Raise a one-line ValueError naming (up to three of) the leaves that
-  ``create_model(name, num_classes, deploy=deploy)`` for ``channels`` input channels does
-  not have with this shape: missing, unexpected or misshapen."""
-  expected = variable_shapes(create_model(name, num_classes, deploy=deploy), channels)
+  ``create_model(name, num_classes, deploy=deploy, block=block)`` for ``channels`` input
+  channels does not have with this shape: missing, unexpected or misshapen."""
+  expected = variable_shapes(create_model(name, num_classes, deploy=deploy, block=block),
+                             channels)
   want = {path: tuple(leaf.shape)
           for path, leaf in traverse_util.flatten_dict(expected, sep='/').items()
           if path.split('/')[0] in ('params', 'batch_stats')}

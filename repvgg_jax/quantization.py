@@ -4,23 +4,24 @@ The scheme TensorRT and QDQ ONNX graphs use: every conv and linear layer of the 
 model computes on
 
 - int8 weights, symmetric, one scale per output channel (the channel's largest |w| over
-  127);
+  127.5, qwix's convention; values rounded to [-127, 127]);
 - an int8 input, symmetric, with one static scale for the whole tensor: its clipping
-  range over 127, calibrated once on a few batches of training images (``calibrate``)
+  range over 127.5, calibrated once on a few batches of training images (``calibrate``)
   by one of ``METHODS``: ``'absmax'`` (the largest |x| seen), ``'percentile'`` (that
   percentile of |x|) or ``'mse'`` (the range whose int8 rounding and clipping of the
   histogram of |x| has the least squared error).
 
 ``keep_float`` leaves layers in float, by default the first (``stage0``, which sees the
-raw image) and the classifier (``linear``), as int8 deployments usually do.
+normalized image) and the classifier (``linear``), as int8 deployments usually do.
 
 qwix (Google's JAX quantization library) runs the quantized model: ``quantized_model`` is
 the deploy model under qwix's PTQ provider, and ``quantize`` makes its variables from the
 float deploy variables and the ranges, which it hands to qwix as static-range statistics
 of one sample each. (qwix's own static calibration averages each image's absmax over the
-batches; it has no percentile nor MSE calibration.) The result is simulated int8: int8
-tensors with float scales, computed as XLA's convolutions of the dequantized values, which
-is what a QDQ graph describes; ``int8_layers`` lists the tensors such a graph needs.
+batches; it has no percentile nor MSE calibration.) qwix convolves the int8 values
+themselves (XLA's integer convolution) and rescales the result in float, an int8 engine's
+arithmetic, which a QDQ graph describes too; ``int8_layers`` lists the tensors such a graph
+needs.
 
     ranges = calibrate(deploy, deploy_vars, batches, 'percentile')
     int8_vars = quantize(deploy, deploy_vars, ranges)
@@ -29,7 +30,8 @@ is what a QDQ graph describes; ``int8_layers`` lists the tensors such a graph ne
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -44,7 +46,10 @@ from repvgg_jax.variants import MIN_IMAGE_SIZE
 
 METHODS = ('absmax', 'percentile', 'mse')
 KEEP_FLOAT = ('stage0', 'linear')
+# qwix's symmetric int8: scale = range / 127.5 (qmax + 0.5, so that the top bucket is as
+# wide as the others), values rounded and clipped to [-127, 127].
 INT8_MAX = 127
+SCALE_STEPS = 127.5
 # Histogram of |x| per layer for the percentile and MSE ranges (TensorRT's calibrators
 # use 2048 bins too).
 HISTOGRAM_BINS = 2048
@@ -104,27 +109,43 @@ def calibrate(model: RepVGG, variables: Tree, batches: Iterable[Any], method: st
   channels = variables['params']['stage0']['reparam_conv']['kernel'].shape[2]
   batches = _check_batches(batches, channels)
 
-  def absmax(images):
-    return {k: jnp.max(jnp.abs(x)) for k, x in layer_inputs(model, variables, images).items()}
-
-  absmax = jax.jit(absmax)
-  maxima = {k: max(float(m[k]) for m in map(absmax, batches)) for k in absmax(batches[0])}
+  absmax, histograms = _statistics(model)
+  maxima = {}
+  for batch in batches:
+    for k, m in absmax(variables, batch).items():
+      maxima[k] = max(maxima.get(k, 0.0), float(m))
   if method == 'absmax':
     return maxima
 
-  @jax.jit
-  def histograms(images, maxima):
-    return {k: jnp.histogram(jnp.abs(x), HISTOGRAM_BINS, (0.0, maxima[k]))[0]
-            for k, x in layer_inputs(model, variables, images).items()}
-
-  # Dead layers (all-zero inputs) keep a range of 0 until _scale_of guards it.
+  # Dead layers (all-zero inputs) get a range of 0 (quantize gives them a tiny scale).
   counts = {k: 0 for k in maxima}
   for batch in batches:
-    for k, c in histograms(batch, {k: max(m, 1e-30) for k, m in maxima.items()}).items():
+    for k, c in histograms(variables, batch,
+                           {k: max(m, 1e-30) for k, m in maxima.items()}).items():
       counts[k] = counts[k] + np.asarray(c, np.float64)
   pick = (lambda c, m: _percentile_range(c, m, percentile)) if method == 'percentile' \
       else _mse_range
   return {k: pick(counts[k], maxima[k]) if maxima[k] > 0 else 0.0 for k in maxima}
+
+
+@functools.lru_cache(maxsize=4)
+def _statistics(model: RepVGG) -> tuple[Callable, Callable]:
+  """Jitted functions of ``(variables, images)``: the largest |x| of each layer's input,
+  and (given those maxima) the histogram of its |x|; compiled once per model."""
+
+  @jax.jit
+  def absmax(variables, images):
+    return {k: jnp.max(jnp.abs(x)) for k, x in layer_inputs(model, variables, images).items()}
+
+  @jax.jit
+  def histograms(variables, images, maxima):
+    # A scatter-add of bin indices: jnp.histogram's search is many times slower on CPU.
+    bins = {k: jnp.minimum(jnp.abs(x) / maxima[k] * HISTOGRAM_BINS, HISTOGRAM_BINS - 1)
+            for k, x in layer_inputs(model, variables, images).items()}
+    return {k: jnp.bincount(b.astype(jnp.int32).ravel(), length=HISTOGRAM_BINS)
+            for k, b in bins.items()}
+
+  return absmax, histograms
 
 
 def _percentile_range(counts: np.ndarray, maximum: float, percentile: float) -> float:
@@ -137,11 +158,11 @@ def _percentile_range(counts: np.ndarray, maximum: float, percentile: float) -> 
 
 def _mse_range(counts: np.ndarray, maximum: float) -> float:
   """The clipping range, among the histogram's bin edges, that minimizes the squared
-  error of symmetric int8 quantization of the histogram's bin centres."""
+  error of symmetric int8 quantization (qwix's) of the histogram's bin centres."""
   width = maximum / len(counts)
   centres = (np.arange(len(counts)) + 0.5) * width
   candidates = np.arange(MSE_MIN_BIN, len(counts) + 1)[:, None] * width
-  step = candidates / INT8_MAX
+  step = candidates / SCALE_STEPS
   quantized = np.minimum(np.round(centres / step), INT8_MAX) * step
   errors = ((centres - quantized) ** 2 * counts).sum(axis=1)
   return float(candidates[np.argmin(errors), 0])
@@ -188,8 +209,9 @@ def quantize(model: RepVGG, variables: Tree, ranges: Mapping[str, float],
     stats[path[:-1] + (path[-1][:-len('_scale')],)] = {
         'count': jnp.ones((), jnp.int32),
         'sum_of_absmax': jnp.full(leaf.array.shape, absmax, jnp.float32)}
-  params = qwix.quantize_params(variables['params'], abstract,
-                                traverse_util.unflatten_dict(stats))
+  # qwix wants jax arrays (variables loaded from a checkpoint are numpy).
+  params = qwix.quantize_params(jax.tree_util.tree_map(jnp.asarray, variables['params']),
+                                abstract, traverse_util.unflatten_dict(stats))
   return {'params': params}
 
 

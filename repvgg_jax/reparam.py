@@ -85,7 +85,7 @@ def fuse_qa_block(params: Tree, stats: Tree) -> tuple[Array, Array]:
   k3, b3 = fuse_bn(params['conv3x3']['conv']['kernel'], params['conv3x3']['bn'],
                    stats['conv3x3']['bn'])
   kernel = k3 + pad_1x1_to_3x3(params['conv1x1']['conv']['kernel'])
-  if 'identity' in stats:
+  if 'identity' in stats:  # the block's marker of its parameter-free identity branch
     channels = k3.shape[-1]
     kernel = kernel + identity_kernel(channels, channels // k3.shape[-2], k3.dtype)
   return fuse_bn(kernel, params[POST_BN], stats[POST_BN], bias=b3)

@@ -135,3 +135,33 @@ def test_torch_export_of_training_weights_is_refused_deploy_is_not(a0):
     rv.to_torch_state_dict(variables, 'RepVGG-A0')
   state = rv.to_torch_state_dict(rv.reparameterize(variables), 'RepVGG-A0')
   assert 'stage0.rbr_reparam.weight' in state
+
+
+def test_training_config_selects_the_block_and_refuses_custom_l2():
+  from configs import fashion_mnist
+  from repvgg_jax.training import state, trainer
+
+  config = fashion_mnist.get_config()
+  assert config.block == 'repvgg'
+  config.block = 'qarepvgg'
+  trainer.check_config(config)
+  assert state.model_of(config, 10).block == 'qarepvgg'
+  config.custom_l2 = True
+  with pytest.raises(trainer.TrainingError, match="custom_l2 is defined for the repvgg block "
+                                                  "only, not 'qarepvgg'"):
+    trainer.check_config(config)
+  config.custom_l2, config.block = False, 'qa'
+  with pytest.raises(trainer.TrainingError, match="block 'qa': accepted are repvgg, qarepvgg"):
+    trainer.check_config(config)
+
+
+def test_conversion_checks_and_verifies_qarepvgg_trees(a0):
+  from repvgg_jax import checkpoint, conversion
+
+  _, variables, _ = a0
+  conversion.check_structure(variables, 'RepVGG-A0', 10, False, 'run', 3, block='qarepvgg')
+  with pytest.raises(checkpoint.CheckpointError, match='run: not a training-time RepVGG-A0'):
+    conversion.check_structure(variables, 'RepVGG-A0', 10, False, 'run', 3)
+  error = conversion.verify_deploy('RepVGG-A0', 10, variables, rv.reparameterize(variables),
+                                   32, block='qarepvgg')
+  assert error <= TOLERANCE

@@ -63,6 +63,10 @@ def evaluate_run(workdir: str, methods: list[str], calibration_batches: int,
   variables, metadata = checkpoint.load_variables(os.path.join(workdir, DEPLOY_DIR))
   config = checkpoint.read_json(os.path.join(workdir, checkpoint.RUN_METADATA))['config']
   model = rv.create_model(metadata['model'], metadata['num_classes'], deploy=True)
+  # The float reference computes the same function with the run's conv_impl ('patches' is
+  # several times faster on CPU at 32x32); qwix's int8 model needs XLA's convolutions.
+  float_model = rv.create_model(metadata['model'], metadata['num_classes'], deploy=True,
+                                conv_impl=config['conv_impl'])
   data = dict(image_size=config['image_size'], data_dir=config['data_dir'] or None)
   train = data.train_batches(
       config['dataset'], global_batch_size=config['batch_size'], seed=config['seed'],
@@ -70,7 +74,7 @@ def evaluate_run(workdir: str, methods: list[str], calibration_batches: int,
   calibration = [next(train)['image'] for _ in range(calibration_batches)]
 
   start = time.perf_counter()
-  predictors = {'float': jax.jit(model.apply)}
+  predictors = {'float': jax.jit(float_model.apply)}
   int8_variables = {'float': variables}
   ranges = {}
   for method in methods:
