@@ -55,17 +55,17 @@ def exactness(models, shape) -> list[dict[str, Any]]:
     start = time.perf_counter()
     variables = jax.device_put(random_variables(rv.create_model(name), x[:1]))
     deploy_variables = reparameterize(variables)  # on the device
-    row = {'model': name, 'input': list(shape),
-           'reparameterize_device': str(jax.tree_util.tree_leaves(deploy_variables)[0].devices())}
+    row = {'model': name, 'input': list(shape), 'reparameterize_device': str(
+        jax.tree_util.tree_leaves(deploy_variables)[0].devices())}
     for precision in ('highest', None) if jax.default_backend() != 'cpu' else ('highest',):
       train = jax.jit(rv.create_model(name, precision=precision).apply)
       deploy = jax.jit(rv.create_model(name, deploy=True, precision=precision).apply)
       reference = train(variables, x)
       row[f'error_{precision or "default"}'] = relative_error(deploy(deploy_variables, x),
                                                               reference)
-    row.setdefault('error_default', row['error_highest'])  # the CPU has one precision
       if precision == 'highest':
         row['timm_error'] = _timm_error(name, variables, x, reference)
+    row.setdefault('error_default', row['error_highest'])  # the CPU has one precision
     row['seconds'] = time.perf_counter() - start
     rows.append(row)
     print(f'exactness {name}: {row}', flush=True)
