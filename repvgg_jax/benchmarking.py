@@ -15,6 +15,7 @@ structures and algorithms (Winograd performs fewer multiplies than it is credite
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
 import statistics
@@ -28,7 +29,7 @@ import numpy as np
 
 from repvgg_jax import convolution, onnx_export
 from repvgg_jax.equivalence import TOLERANCE, random_variables, relative_error
-from repvgg_jax.models import DTYPES, count_params, create_model, deploy_macs
+from repvgg_jax.models import DTYPES, count_params, create_model, deploy_macs, exact_forward
 from repvgg_jax.reparam import reparameterize
 from repvgg_jax.torch_io import timm_model_name
 from repvgg_jax.variants import MIN_IMAGE_SIZE, get_variant
@@ -178,9 +179,7 @@ def jax_candidates(name: str, structures: Sequence[str], batch_size: int,
     raise ValueError(f'unknown dtype {dtype!r}; accepted: {", ".join(DTYPES)}')
   device = device_description()
   train_model = create_model(name, dtype=DTYPES[dtype])
-  train_vars = random_variables(
-      train_model, jax.ShapeDtypeStruct((1, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE, 3), jnp.float32))
-  deploy_vars = reparameterize(train_vars)
+  train_vars, deploy_vars = _random_states(name)
   inputs = [jax.random.normal(jax.random.PRNGKey(i), (batch_size, image_size, image_size, 3),
                               DTYPES[dtype]) for i in range(rotate)]
   candidates = []
@@ -202,6 +201,17 @@ def jax_candidates(name: str, structures: Sequence[str], batch_size: int,
         wait=jax.block_until_ready,
         peak_memory=lambda f=compiled: _peak_memory(f)))
   return candidates
+
+
+@functools.lru_cache(maxsize=1)
+def _random_states(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """``(training-time, deploy)`` variables of ``name`` from the same random draw (the
+  parameters are float32 whatever the compute dtype): drawn once per model, for every batch
+  size and framework measured."""
+  train_vars = random_variables(
+      create_model(name), jax.ShapeDtypeStruct((1, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE, 3),
+                                               jnp.float32))
+  return train_vars, jax.device_get(reparameterize(train_vars))
 
 
 def _peak_memory(compiled: Any) -> Optional[int]:
@@ -294,17 +304,14 @@ def onnx_candidates(name: str, runtimes: Sequence[str], batch_size: int,
   unknown = [r for r in runtimes if r not in ONNX_RUNTIMES]
   if unknown:
     raise ValueError(f'unknown ONNX runtime(s) {unknown}; accepted: {", ".join(ONNX_RUNTIMES)}')
-  train_vars = random_variables(
-      create_model(name), jax.ShapeDtypeStruct((1, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE, 3),
-                                               jnp.float32))
-  deploy_vars = jax.device_get(reparameterize(train_vars))
+  _, deploy_vars = _random_states(name)
   serialized = onnx_export.to_onnx(name, deploy_vars)
   params = count_params(deploy_vars['params'])
   nhwc = [np.asarray(jax.random.normal(jax.random.PRNGKey(i),
                                        (batch_size, image_size, image_size, 3)))
           for i in range(rotate)]
   nchw = [np.ascontiguousarray(x.transpose(0, 3, 1, 2)) for x in nhwc]
-  reference = np.asarray(jax.jit(create_model(name, deploy=True, precision='highest').apply)(
+  reference = np.asarray(exact_forward(name, create_model(name).num_classes, deploy=True)(
       deploy_vars, nhwc[0]))
   device = f'cpu ({_cpu_model()}, {threads or os.cpu_count()} threads)'
   candidates = []

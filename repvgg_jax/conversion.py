@@ -24,7 +24,7 @@ import numpy as np
 
 from repvgg_jax import checkpoint, convolution, onnx_export, torch_io
 from repvgg_jax.equivalence import TOLERANCE, relative_error
-from repvgg_jax.models import check_variables, create_model
+from repvgg_jax.models import check_variables, create_model, exact_forward
 from repvgg_jax.reparam import reparameterize
 from repvgg_jax.variants import get_variant
 
@@ -58,19 +58,9 @@ def verify_deploy(model: str, num_classes: int, train_variables: Any, deploy_var
   precision."""
   x = jax.random.normal(jax.random.PRNGKey(seed),
                         (batch_size, image_size, image_size, channels))
-  reference = _exact_forward(model, num_classes, False, 'xla', block)(train_variables, x)
-  output = _exact_forward(model, num_classes, True, conv_impl)(deploy_variables, x)
+  reference = exact_forward(model, num_classes, False, 'xla', block)(train_variables, x)
+  output = exact_forward(model, num_classes, True, conv_impl)(deploy_variables, x)
   return relative_error(output, reference)
-
-
-@functools.lru_cache(maxsize=16)
-def _exact_forward(model: str, num_classes: int, deploy: bool, conv_impl: str,
-                   block: str = 'repvgg') -> Any:
-  # One jitted function per model, so that converting several checkpoints of a model in
-  # one process compiles it once.
-  net = create_model(model, num_classes, deploy=deploy, precision='highest',
-                     conv_impl=conv_impl, block=block)
-  return jax.jit(net.apply)
 
 
 def export_deploy(model: str, num_classes: int, deploy_variables: Any, image_size: int,

@@ -188,6 +188,17 @@ def _macs(name: str, image_size: Union[int, tuple[int, int]], num_classes: int,
   return macs + channels * num_classes
 
 
+@functools.lru_cache(maxsize=16)
+def exact_forward(name: str, num_classes: int, deploy: bool = False, conv_impl: str = 'xla',
+                  block: str = 'repvgg') -> Callable[..., jax.Array]:
+  """The jitted eval-mode ``apply`` of ``create_model(name, ...)`` at float32 and full matmul
+  precision: the reference of every equivalence check. Cached, so that checking several
+  trees of a model in one process compiles it once."""
+  net = create_model(name, num_classes, deploy=deploy, precision='highest',
+                     conv_impl=conv_impl, block=block)
+  return jax.jit(net.apply)
+
+
 def variable_shapes(model: nn.Module, channels: int = 3) -> dict[str, Any]:
   """``jax.eval_shape`` of ``model.init``: every variable's shape and dtype, nothing
   computed. Shapes do not depend on the input size, so the smallest input is used."""

@@ -31,7 +31,6 @@ no preprocessing).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
@@ -40,7 +39,7 @@ import numpy as np
 from flax import traverse_util
 
 from repvgg_jax.equivalence import TOLERANCE, relative_error
-from repvgg_jax.models import check_variables, create_model
+from repvgg_jax.models import check_variables, exact_forward
 from repvgg_jax.variants import get_variant, layer_specs
 
 if TYPE_CHECKING:
@@ -207,13 +206,6 @@ def to_onnx(model_name: str, deploy_variables: Any, num_classes: Optional[int] =
   return serialized
 
 
-@functools.lru_cache(maxsize=8)
-def _jax_forward(model_name: str, num_classes: int) -> Any:
-  # One compiled function per model, for repeated verifications in one process.
-  net = create_model(model_name, num_classes, deploy=True, precision='highest')
-  return jax.jit(net.apply)
-
-
 def verify_onnx(model: Union[bytes, onnx.ModelProto], model_name: str,
                 deploy_variables: Any, image_size: Union[int, tuple[int, int]],
                 channels: int = 3, batch_sizes: Sequence[int] = (1, 3),
@@ -237,7 +229,8 @@ def verify_onnx(model: Union[bytes, onnx.ModelProto], model_name: str,
       (max(batch_sizes), height, width, channels), np.float32)
   # Images are independent in the deploy model: one JAX run (one compile) on the largest
   # batch is the reference for every batch size's leading images.
-  reference = np.asarray(_jax_forward(model_name, num_classes)(deploy_variables, images))
+  forward = exact_forward(model_name, num_classes, deploy=True)
+  reference = np.asarray(forward(deploy_variables, images))
   serialized = model if isinstance(model, bytes) else model.SerializeToString()
   session = ort.InferenceSession(serialized, providers=['CPUExecutionProvider'])
   input_name = session.get_inputs()[0].name
