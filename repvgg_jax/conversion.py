@@ -24,7 +24,7 @@ import numpy as np
 
 from repvgg_jax import checkpoint, convolution, onnx_export, torch_io
 from repvgg_jax.equivalence import TOLERANCE, relative_error
-from repvgg_jax.models import check_variables, create_model, exact_forward
+from repvgg_jax.models import check_variables, create_model, exact_forward, num_classes_of
 from repvgg_jax.reparam import reparameterize
 from repvgg_jax.variants import get_variant
 
@@ -204,8 +204,7 @@ def import_torch(source: str, model: str, output: str, image_size: int = 224,
   checkpoint.refuse_existing(output, overwrite)
   variables = torch_io.load_torch_weights(source, model)
   structure = 'train' if 'batch_stats' in variables else 'deploy'
-  linear = variables['params'].get('linear')
-  num_classes = int(np.shape(linear['kernel'])[-1]) if linear else 0
+  num_classes = num_classes_of(variables)
   metadata = checkpoint.model_metadata(model, num_classes, image_size, structure=structure,
                                        source=os.path.abspath(source))
   checkpoint.save_variables(output, jax.tree_util.tree_map(np.asarray, variables), metadata,

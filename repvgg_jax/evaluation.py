@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from repvgg_jax import checkpoint, convolution, data, torch_io
-from repvgg_jax.models import DTYPES, create_model
+from repvgg_jax.models import DTYPES, create_model, num_classes_of
 from repvgg_jax.reparam import reparameterize
 from repvgg_jax.training import compilation, parallel
 from repvgg_jax.variants import IMAGENET_MEAN, IMAGENET_STD, get_variant
@@ -69,11 +69,6 @@ class Weights:
   source: str
 
 
-def _classes(variables: Tree) -> int:
-  linear = variables['params'].get('linear')
-  return int(np.shape(linear['kernel'])[-1]) if linear else 0
-
-
 def load_weights(model: Optional[str] = None, weights: Optional[str] = None,
                  workdir: Optional[str] = None, step: Optional[int] = None,
                  variables_dir: Optional[str] = None) -> Weights:
@@ -92,7 +87,7 @@ def load_weights(model: Optional[str] = None, weights: Optional[str] = None,
     variables = torch_io.load_torch_weights(weights, model)
     published = get_variant(model).eval_preprocessing
     return Weights(model, variables, 'train' if 'batch_stats' in variables else 'deploy',
-                   _classes(variables), published.image_size, published.crop_fraction,
+                   num_classes_of(variables), published.image_size, published.crop_fraction,
                    IMAGENET_MEAN, IMAGENET_STD, weights)
   if workdir is not None:
     variables, step, metadata = checkpoint.restore_training_variables(workdir, step)
@@ -105,7 +100,7 @@ def load_weights(model: Optional[str] = None, weights: Optional[str] = None,
   config = metadata.get('config') or {}
   crop_fraction = config.get('crop_fraction',
                              get_variant(metadata['model']).eval_preprocessing.crop_fraction)
-  return Weights(metadata['model'], variables, structure, _classes(variables),
+  return Weights(metadata['model'], variables, structure, num_classes_of(variables),
                  int(metadata['image_size']), float(crop_fraction),
                  tuple(metadata.get('mean', IMAGENET_MEAN)),
                  tuple(metadata.get('std', IMAGENET_STD)), source)

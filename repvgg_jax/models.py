@@ -229,6 +229,12 @@ def check_variables(variables: Any, name: str, num_classes: int, deploy: bool,
                      f'{"; ".join(problems[:3])}{more}')
 
 
+def num_classes_of(variables: Any) -> int:
+  """The outputs of the classifier in a RepVGG variables tree (0: none, pooled features)."""
+  linear = variables['params'].get('linear')
+  return int(np.shape(linear['kernel'])[-1]) if linear else 0
+
+
 def count_params(tree: Any) -> int:
   """Number of scalars in a pytree, e.g. ``variables['params']``."""
   return sum(x.size for x in jax.tree_util.tree_leaves(tree))

@@ -39,7 +39,7 @@ import numpy as np
 from flax import traverse_util
 
 from repvgg_jax.equivalence import TOLERANCE, relative_error
-from repvgg_jax.models import check_variables, exact_forward
+from repvgg_jax.models import check_variables, exact_forward, num_classes_of
 from repvgg_jax.variants import get_variant, layer_specs
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ def check_deploy_variables(model_name: str, deploy_variables: Any,
                        'export takes the 3x3 HWIO kernels (3, 3, in/groups, out) of '
                        'rv.reparameterize, before winograd.transform_kernels')
   if num_classes is None:
-    num_classes = int(np.shape(leaves['linear/kernel'])[-1]) if 'linear/kernel' in leaves else 0
+    num_classes = num_classes_of(deploy_variables)
   check_variables(deploy_variables, model_name, num_classes, deploy=True, channels=channels)
   return num_classes
 

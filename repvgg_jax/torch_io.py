@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from repvgg_jax.models import create_model, variable_shapes
+from repvgg_jax.models import create_model, num_classes_of, variable_shapes
 from repvgg_jax.variants import AUX_STAGES, VARIANTS, Variant, get_variant, layer_specs
 
 NAMINGS = ('official', 'timm')
@@ -370,8 +370,7 @@ def to_torch_state_dict(variables: Mapping[str, Any], name: str, naming: str = '
     raise ValueError('QARepVGG training-time weights have no PyTorch naming mapped; export '
                      'rv.reparameterize(variables), a plain RepVGG deploy tree, instead')
   deploy = _is_deploy_tree(variables)
-  linear = variables['params'].get('linear')
-  num_classes = int(np.shape(linear['kernel'])[1]) if linear else 0
+  num_classes = num_classes_of(variables)
   leaves = _leaves(name, naming, deploy, num_classes)
   flat = traverse_util.flatten_dict(dict(variables))
   expected = {(leaf.collection, *leaf.path): leaf for leaf in leaves}
