@@ -1,8 +1,8 @@
 """Inference speed of RepVGG: training-time vs deploy graph in JAX, PyTorch alongside.
 
   python benchmark.py --models RepVGG-A0,RepVGG-B0 --batch-sizes 1,8,32 --dtype float32 \\
-      --image-size 224 [--torch] [--onnx-runtimes onnxruntime,openvino] \\
-      [--json results.json] [--plot results.png]
+      --image-size 224 [--torch] [--onnx-runtimes onnxruntime,openvino \\
+      [--onnx-exporters jax,torch]] [--json results.json] [--plot results.png]
 
 Prints a markdown table (stdout; progress lines on stderr), and writes a JSON list of
 records and a PNG (throughput per batch size; speed against published ImageNet top-1).
@@ -40,9 +40,14 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                       default=list(benchmarking.TORCH_VARIANTS),
                       help=f'with --torch, from: {", ".join(benchmarking.TORCH_VARIANTS)}')
   parser.add_argument('--onnx-runtimes', type=cli.choices(benchmarking.ONNX_RUNTIMES),
-                      default=[], help='also run the ONNX export of the deploy model (float32, '
-                      'CPU) in these, comma-separated from: '
+                      default=[], help='also run ONNX graphs of the deploy model (float32, CPU; '
+                      'see --onnx-exporters) in these, comma-separated from: '
                       f'{", ".join(benchmarking.ONNX_RUNTIMES)}')
+  parser.add_argument('--onnx-exporters', type=cli.choices(benchmarking.ONNX_EXPORTERS),
+                      default=['jax'], help='with --onnx-runtimes, where the ONNX graphs come '
+                      'from, comma-separated from: jax (this project\'s export), torch (timm\'s '
+                      'reparameterized model exported by torch.onnx; needs torch and timm) '
+                      '(default: jax)')
   parser.add_argument('--threads', type=cli.positive_int,
                       help='CPU threads of PyTorch and the ONNX runtimes (default: each '
                       'one\'s own choice)')
@@ -99,7 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                     threads=args.threads)
       if args.onnx_runtimes:
         candidates += benchmarking.onnx_candidates(name, args.onnx_runtimes, batch_size,
-                                                   args.image_size, threads=args.threads)
+                                                   args.image_size, threads=args.threads,
+                                                   exporters=args.onnx_exporters)
       records += benchmarking.measure(candidates, batch_size, args.dtype, args.image_size,
                                args.min_calls, args.min_seconds)
   # The best of two matmul measurements, before and after: other load only slows it.

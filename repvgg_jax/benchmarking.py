@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
 import platform
 import statistics
 import sys
 import time
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -31,7 +33,7 @@ from repvgg_jax import convolution, onnx_export
 from repvgg_jax.equivalence import TOLERANCE, random_variables, relative_error
 from repvgg_jax.models import DTYPES, count_params, create_model, deploy_macs, exact_forward
 from repvgg_jax.reparam import reparameterize
-from repvgg_jax.torch_io import timm_model_name
+from repvgg_jax.torch_io import timm_model_name, to_torch_state_dict
 from repvgg_jax.variants import MIN_IMAGE_SIZE, get_variant
 
 # Deploy-time structures of the JAX model: 'deploy' uses XLA's convolution everywhere,
@@ -287,25 +289,49 @@ def torch_candidates(name: str, structures: Sequence[str], batch_size: int,
   return candidates
 
 
-# The runtimes that run this project's ONNX export (``onnx_export.to_onnx``) on the CPU.
+# The runtimes that run an ONNX graph of the deploy model on the CPU.
 ONNX_RUNTIMES = ('onnxruntime', 'openvino')
+
+# Where that graph comes from: 'jax', this project's export (``onnx_export.to_onnx`` of the
+# deploy variables); 'torch', timm's reparameterized model exported by ``torch.onnx``.
+ONNX_EXPORTERS = ('jax', 'torch')
+
+
+def onnx_structure(runtime: str, exporter: str) -> str:
+  """The ``structure`` of a record of ``runtime`` running ``exporter``'s graph: the bare
+  runtime name for this project's export (the name earlier tables used), else
+  ``'<runtime> (<exporter> export)'``."""
+  return runtime if exporter == 'jax' else f'{runtime} ({exporter} export)'
 
 
 def onnx_candidates(name: str, runtimes: Sequence[str], batch_size: int,
-                    image_size: int = 224, rotate: int = 3,
-                    threads: Optional[int] = None) -> list[Candidate]:
-  """The ONNX export of ``name``'s deploy model (the same random variables as
-  ``jax_candidates``'), float32 NCHW, in each of ``runtimes``: onnxruntime's
-  CPUExecutionProvider with every graph optimization (the fastest level measured), and
-  OpenVINO's CPU plugin at f32 precision (it would pick bfloat16 where the CPU has it).
-  ``threads`` sets both runtimes' intra-op threads. Each output is checked against the
-  JAX deploy model (``onnx_export.verify_onnx``'s bar) before it is timed; a runtime that
-  is not installed is reported and left out."""
-  unknown = [r for r in runtimes if r not in ONNX_RUNTIMES]
-  if unknown:
-    raise ValueError(f'unknown ONNX runtime(s) {unknown}; accepted: {", ".join(ONNX_RUNTIMES)}')
+                    image_size: int = 224, rotate: int = 3, threads: Optional[int] = None,
+                    exporters: Sequence[str] = ('jax',)) -> list[Candidate]:
+  """ONNX graphs of ``name``'s deploy model from each of ``exporters`` (the same random
+  variables as ``jax_candidates``'), float32 NCHW, in each of ``runtimes``
+  (``onnx_session``), grouped by runtime. Each output is checked against the JAX deploy
+  model (``onnx_export.verify_onnx``'s bar) before it is timed; a runtime or exporter
+  that is not installed, or a model timm lacks, is reported and left out."""
+  for kind, values, accepted in (('ONNX runtime', runtimes, ONNX_RUNTIMES),
+                                 ('ONNX exporter', exporters, ONNX_EXPORTERS)):
+    unknown = [v for v in values if v not in accepted]
+    if unknown:
+      raise ValueError(f'unknown {kind}(s) {unknown}; accepted: {", ".join(accepted)}')
   _, deploy_vars = _random_states(name)
-  serialized = onnx_export.to_onnx(name, deploy_vars)
+  graphs = {}
+  for exporter in exporters:
+    start = time.perf_counter()
+    try:
+      graph = _onnx_graph(name, exporter)
+    except ImportError as e:
+      _progress(f'{name} {exporter} export: not installed ({e}), left out')
+      continue
+    if graph is None:
+      _progress(f'{name}: not in timm, no torch export')
+      continue
+    graphs[exporter] = graph
+    _progress(f'{name} {exporter} export: {len(graph) / 2**20:.0f} MiB in '
+              f'{time.perf_counter() - start:.1f} s')
   params = count_params(deploy_vars['params'])
   nhwc = [np.asarray(jax.random.normal(jax.random.PRNGKey(i),
                                        (batch_size, image_size, image_size, 3)))
@@ -316,38 +342,91 @@ def onnx_candidates(name: str, runtimes: Sequence[str], batch_size: int,
   device = f'cpu ({_cpu_model()}, {threads or os.cpu_count()} threads)'
   candidates = []
   for runtime in runtimes:
-    start = time.perf_counter()
-    try:
-      if runtime == 'onnxruntime':
-        import onnxruntime as ort  # pylint: disable=import-outside-toplevel
-        options = ort.SessionOptions()
-        if threads:
-          options.intra_op_num_threads = threads
-        session = ort.InferenceSession(serialized, options,
-                                       providers=['CPUExecutionProvider'])
-        call = lambda i, s=session: s.run(None, {'images': nchw[i % rotate]})[0]
-      else:
-        import openvino as ov  # pylint: disable=import-outside-toplevel
-        core = ov.Core()
-        config = {'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
-        if threads:
-          config['INFERENCE_NUM_THREADS'] = threads
-        compiled = core.compile_model(core.read_model(serialized), 'CPU', config)
-        request = compiled.create_infer_request()
-        call = lambda i, r=request, c=compiled: r.infer({'images': nchw[i % rotate]})[
-            c.output(0)]
-    except ImportError as e:
-      _progress(f'{name} {runtime}: not installed ({e}), left out')
-      continue
-    seconds = time.perf_counter() - start
-    error = relative_error(call(0), reference)
-    _progress(f'{name} {runtime}: ready in {seconds:.1f} s, error vs JAX {error:.1e}')
-    if not error <= TOLERANCE:
-      raise ValueError(f'{name} in {runtime} differs from the JAX deploy model by '
-                       f'{error:.2e} > {TOLERANCE:.0e}')
-    candidates.append(Candidate(name, runtime, runtime, device, params, seconds, call,
-                                wait=lambda y: y, peak_memory=lambda: None))
+    for exporter, graph in graphs.items():
+      structure = onnx_structure(runtime, exporter)
+      start = time.perf_counter()
+      try:
+        run = onnx_session(graph, runtime, threads)
+      except ImportError as e:
+        _progress(f'{name} {runtime}: not installed ({e}), left out')
+        break
+      seconds = time.perf_counter() - start
+      call = lambda i, run=run: run(nchw[i % rotate])
+      error = relative_error(call(0), reference)
+      _progress(f'{name} {structure}: ready in {seconds:.1f} s, error vs JAX {error:.1e}')
+      if not error <= TOLERANCE:
+        raise ValueError(f'{name} in {structure} differs from the JAX deploy model by '
+                         f'{error:.2e} > {TOLERANCE:.0e}')
+      candidates.append(Candidate(name, structure, runtime, device, params, seconds, call,
+                                  wait=lambda y: y, peak_memory=lambda: None))
   return candidates
+
+
+def onnx_session(serialized: bytes, runtime: str,
+                 threads: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
+  """A function from a float32 NCHW batch (the graph's input ``images``) to the graph's
+  first output, run by ``runtime`` on the CPU: onnxruntime's CPUExecutionProvider with
+  every graph optimization (the fastest level measured), or OpenVINO's CPU plugin at f32
+  precision (it would pick bfloat16 where the CPU has it). ``threads`` sets the runtime's
+  intra-op threads. Raises ImportError where the runtime is not installed."""
+  if runtime == 'onnxruntime':
+    import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+    options = ort.SessionOptions()
+    if threads:
+      options.intra_op_num_threads = threads
+    session = ort.InferenceSession(serialized, options, providers=['CPUExecutionProvider'])
+    return lambda x: session.run(None, {'images': x})[0]
+  if runtime == 'openvino':
+    import openvino as ov  # pylint: disable=import-outside-toplevel
+    core = ov.Core()
+    config = {'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
+    if threads:
+      config['INFERENCE_NUM_THREADS'] = threads
+    compiled = core.compile_model(core.read_model(serialized), 'CPU', config)
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({'images': x})[compiled.output(0)]
+  raise ValueError(f'unknown ONNX runtime {runtime!r}; accepted: {", ".join(ONNX_RUNTIMES)}')
+
+
+@functools.lru_cache(maxsize=len(ONNX_EXPORTERS))
+def _onnx_graph(name: str, exporter: str) -> Optional[bytes]:
+  """The serialized ONNX graph of ``name``'s deploy model from ``exporter``, of
+  ``_random_states``' variables (None where timm lacks the model): made once per model
+  for every batch size."""
+  train_vars, deploy_vars = _random_states(name)
+  if exporter == 'jax':
+    return onnx_export.to_onnx(name, deploy_vars)
+  return _torch_onnx(name, train_vars)
+
+
+def _torch_onnx(name: str, train_vars: Any) -> Optional[bytes]:
+  """timm's model of ``name`` with the training-time ``train_vars``, reparameterized by
+  timm and exported by ``torch.onnx``: opset, input and output names and symbolic axes
+  as ``onnx_export.to_onnx``'s graph, so that both run alike. None where timm lacks
+  the model."""
+  import timm  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from timm.utils.model import reparameterize_model  # pylint: disable=import-outside-toplevel
+
+  timm_name = timm_model_name(name)
+  if timm_name is None:
+    return None
+  # On the meta device and filled with assign=True: timm's own random init is skipped.
+  with torch.device('meta'):
+    model = timm.create_model(timm_name, pretrained=False)
+  model.load_state_dict(to_torch_state_dict(train_vars, name, 'timm', framework='torch'),
+                        strict=True, assign=True)
+  model = reparameterize_model(model.eval(), inplace=True)
+  axes = {'images': {0: 'batch', 2: 'height', 3: 'width'}, 'logits': {0: 'batch'}}
+  buffer = io.BytesIO()
+  # The TorchScript exporter: the dynamo one needs onnxscript, which the project does
+  # not install; its deprecation notice is expected.
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', DeprecationWarning)
+    torch.onnx.export(model, (torch.zeros(1, 3, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE),), buffer,
+                      dynamo=False, opset_version=onnx_export.DEFAULT_OPSET,
+                      input_names=['images'], output_names=['logits'], dynamic_axes=axes)
+  return buffer.getvalue()
 
 
 def markdown_table(records: Sequence[Record]) -> str:

@@ -9,6 +9,7 @@ import pytest
 
 import benchmark
 from repvgg_jax import benchmarking, xla_backend
+from repvgg_jax.equivalence import TOLERANCE
 
 REQUIRED = {'model', 'structure', 'batch_size', 'dtype', 'image_size', 'images_per_second',
             'latency_ms_p50', 'compile_seconds', 'device'}
@@ -35,6 +36,36 @@ def test_measures_both_graphs_and_torch_and_writes_table_json_and_plot(tmp_path,
   table = capsys.readouterr().out
   assert table.count('| RepVGG-A0 |') == 3 and '| torch-channels_last |' in table
   assert png_path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_timm_exported_by_torch_runs_verified_beside_our_onnx_export(tmp_path, capsys):
+  pytest.importorskip('timm')
+  pytest.importorskip('onnxruntime')
+  json_path = tmp_path / 'r.json'
+  assert benchmark.main([
+      '--models', 'RepVGG-A0', '--batch-sizes', '2', '--image-size', '32',
+      '--structures', 'deploy', '--onnx-runtimes', 'onnxruntime',
+      '--onnx-exporters', 'jax,torch', '--threads', '1', '--min-calls', '1',
+      '--min-seconds', '0', '--json', str(json_path)]) == 0
+  records = json.loads(json_path.read_text())
+  assert [(r['structure'], r['framework']) for r in records] == [
+      ('deploy', 'jax'), ('onnxruntime', 'onnxruntime'),
+      ('onnxruntime (torch export)', 'onnxruntime')]
+  assert records[1]['params'] == records[2]['params'] == records[0]['params']
+  out, err = capsys.readouterr()
+  assert '| RepVGG-A0 | onnxruntime (torch export) | 2 |' in out
+  # Both graphs were checked against the JAX deploy model before they were timed.
+  for structure in ('onnxruntime', 'onnxruntime (torch export)'):
+    error = err.split(f'RepVGG-A0 {structure}: ready in ')[1].split('error vs JAX ')[1]
+    assert float(error.split()[0]) <= TOLERANCE
+
+
+def test_onnx_exporters_flag():
+  parse = benchmark.parse_args
+  assert parse(['--onnx-runtimes', 'openvino']).onnx_exporters == ['jax']
+  assert parse(['--onnx-runtimes', 'onnxruntime,openvino', '--onnx-exporters',
+                'jax,torch']).onnx_exporters == ['jax', 'torch']
+  assert parse(['--onnx_exporters', 'torch']).onnx_exporters == ['torch']
 
 
 def test_cpu_flag_is_accepted_by_this_jaxlib():
@@ -68,6 +99,7 @@ def test_training_benchmark_times_both_frameworks():
     (['--batch-sizes', '0,8'], 'positive integers'),
     (['--structures', 'deploy,fast'], 'accepted are train, deploy'),
     (['--image-size', '16'], 'at least 32'),
+    (['--onnx-exporters', 'jax,tf'], 'accepted are jax, torch'),
 ])
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
   with pytest.raises(SystemExit) as exit_info:
