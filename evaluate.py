@@ -11,7 +11,9 @@ The preprocessing defaults to the weights' own: for published weights the size a
 fraction their top-1 was measured with (A/B: 224 at 0.875; D2se, L2pse: 320 at 1.0), for a
 run or a variables directory those it was trained and evaluated with; --image-size and
 --crop-fraction override them. --deploy evaluates the re-parameterized model of
-training-time weights (deploy weights always run as the deploy model). All local devices
+training-time weights (deploy weights always run as the deploy model). An image folder's
+file that cannot be read is an error naming it; --skip-unreadable-images leaves such files
+out of the metrics instead (each is logged, and their number printed). All local devices
 are used; over several hosts, start one process per host with --coordinator-address,
 --num-processes and --process-id, as train.py. Prints a Markdown table; --json FILE
 writes the result. Errors print one line and exit with status 1.
@@ -47,6 +49,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                       help='evaluation size (default: the weights\' own)')
   parser.add_argument('--crop-fraction', type=float,
                       help='centre crop of the resized image (default: the weights\' own)')
+  parser.add_argument('--skip-unreadable-images', action='store_true',
+                      help='leave an image folder\'s unreadable files out of the metrics '
+                      '(logged, counted) instead of failing on the first')
   parser.add_argument('--batch-size', type=cli.positive_int, default=256,
                       help='global evaluation batch, a multiple of the devices (default: 256)')
   cli.add_conv_impl(parser, help='how the convolutions are computed (repvgg_jax.convolution;'
@@ -74,7 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = evaluation.evaluate_weights(
         weights, args.dataset, deploy=args.deploy, image_size=args.image_size,
         crop_fraction=args.crop_fraction, batch_size=args.batch_size, data_dir=args.data_dir,
-        conv_impl=args.conv_impl, dtype=args.dtype)
+        conv_impl=args.conv_impl, dtype=args.dtype,
+        skip_unreadable_images=args.skip_unreadable_images)
   except (checkpoint.CheckpointError, ValueError, OSError) as e:
     return cli.fail('evaluate.py', e)
   print(f'| model | weights | structure | dataset | size | crop | top-1 | top-5 | loss | '
@@ -83,6 +89,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f'{result["dataset"]} | {result["image_size"]} | {result["crop_fraction"]} | '
         f'{result["top1"]:.2f} | {result["top5"]:.2f} | {result["loss"]:.4f} | '
         f'{result["images_per_second"]:.1f} |')
+  if result['skipped_images']:
+    print(f'{result["skipped_images"]} unreadable images skipped: not in the metrics (the '
+          'log names them)')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(result, f, indent=1)

@@ -29,6 +29,10 @@ def get_config(model: str = 'RepVGG-A0') -> ml_collections.ConfigDict:
   config.block = 'repvgg'
   config.dataset = 'imagenet2012'
   config.data_dir = ''            # the TFDS data_dir holding imagenet2012
+  # An image folder's file that cannot be read (corrupt, truncated): False, an error naming
+  # it; True, skipped, logged and counted (metrics.jsonl's skipped_images): its training
+  # row reads the next readable file of the split, evaluation leaves it out.
+  config.skip_unreadable_images = False
   config.image_size = 224         # training
   # Evaluation; follows image_size until set (a derived reference, not a shared one).
   config.eval_image_size = config.get_ref('image_size') * 1

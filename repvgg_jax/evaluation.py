@@ -109,11 +109,14 @@ def load_weights(model: Optional[str] = None, weights: Optional[str] = None,
 def evaluate_weights(weights: Weights, dataset: str, *, deploy: bool = False,
                      image_size: Optional[int] = None, crop_fraction: Optional[float] = None,
                      batch_size: int = 256, data_dir: Optional[str] = None,
-                     conv_impl: str = 'xla', dtype: str = 'float32') -> dict[str, Any]:
+                     conv_impl: str = 'xla', dtype: str = 'float32',
+                     skip_unreadable_images: bool = False) -> dict[str, Any]:
   """Evaluate ``weights`` on the evaluation split of ``dataset`` (``repvgg_jax.data``'s
   names) at ``image_size``/``crop_fraction`` (default: the weights' own); ``deploy``
   re-parameterizes training-time weights first (deploy weights are evaluated as they
-  are). Returns top-1, top-5, loss, the number of examples and images/s."""
+  are); ``skip_unreadable_images`` leaves an image folder's unreadable files out of the
+  metrics (each logged) instead of failing on them. Returns top-1, top-5, loss, the
+  number of examples, the number of unreadable files skipped and images/s."""
   deploy = deploy or weights.structure == 'deploy'
   image_size = image_size or weights.image_size
   crop_fraction = crop_fraction or weights.crop_fraction
@@ -140,10 +143,15 @@ def evaluate_weights(weights: Weights, dataset: str, *, deploy: bool = False,
   batches = data.eval_batches(
       dataset, global_batch_size=batch_size, image_size=image_size,
       process_index=jax.process_index(), process_count=processes, data_dir=data_dir,
-      crop_fraction=crop_fraction, mean=weights.mean, std=weights.std)
+      crop_fraction=crop_fraction, mean=weights.mean, std=weights.std,
+      skip_unreadable_images=skip_unreadable_images)
   result = evaluate(p_eval, parallel.replicate(variables), batches, devices)
   return {'model': weights.model, 'source': weights.source, 'dataset': dataset,
           'structure': 'deploy' if deploy else 'train', 'image_size': image_size,
           'crop_fraction': crop_fraction, 'top1': 100 * result['accuracy'],
           'top5': 100 * result['top5_accuracy'], 'loss': result['loss'],
-          'count': result['count'], 'images_per_second': result['images_per_second']}
+          'count': result['count'],
+          # The split covers every example once over all processes: those not counted
+          # are the files skipped, in every process.
+          'skipped_images': info.num_eval - result['count'],
+          'images_per_second': result['images_per_second']}

@@ -1,6 +1,8 @@
 """The input pipeline: deterministic training batches, exact evaluation, clear errors."""
 
+import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -309,15 +311,106 @@ def test_streamed_folder_eval_covers_every_example_once_across_processes(jpeg_fo
   assert sorted(seen) == list(range(5)) and padding == 3
 
 
-def test_unreadable_image_is_an_error_naming_the_file(tmp_path, streamed_folders):
-  for split in ('train', 'val'):
-    write_image(str(tmp_path / split / 'cat' / 'good.png'), np.zeros((8, 8, 3), np.uint8))
-  broken = tmp_path / 'train' / 'cat' / 'broken.jpg'
-  broken.write_bytes(b'\xff\xd8\xff\xe0 not really a JPEG')
-  batches = data.train_batches(f'folder:{tmp_path}', global_batch_size=2, image_size=8,
-                               seed=0)
-  with pytest.raises(ValueError, match=f'Cannot read image {broken}'):
-    next(batches)
+# ------------------------------------------------------------------------------------------
+# Image files that cannot be read.
+
+
+@pytest.fixture(scope='module')
+def corrupt_folder(tmp_path_factory):
+  """train/: 6 flat 8x8 JPEGs, ant/0-2 and bee/3-5, whose gray level, 30 * k + 15,
+  identifies file k (the index's order), but ant/1.jpg is not an image and bee/4.jpg is cut
+  short (its header reads, its pixels do not); val/: 4 flat PNGs, ant/0-1 and bee/2-3,
+  alike, but bee/2.png is not an image."""
+  root = tmp_path_factory.mktemp('corrupt')
+  for split, extension, count in (('train', 'jpg', 6), ('val', 'png', 4)):
+    for k in range(count):
+      name = 'ant' if k < count // 2 else 'bee'
+      write_image(str(root / split / name / f'{k}.{extension}'),
+                  np.full((8, 8, 3), 30 * k + 15, np.uint8))
+  for path in (root / 'train' / 'ant' / '1.jpg', root / 'val' / 'bee' / '2.png'):
+    path.write_bytes(b'not an image')
+  truncated = root / 'train' / 'bee' / '4.jpg'
+  truncated.write_bytes(truncated.read_bytes()[:-2])  # without its end-of-image marker
+  return f'folder:{root}'
+
+
+@pytest.fixture(params=['in memory', 'streamed'])
+def storage(request, monkeypatch):
+  """Image folders held in memory (small ones are), or streamed as if too big."""
+  data.load.cache_clear()
+  if request.param == 'streamed':
+    monkeypatch.setattr(folders, 'IN_MEMORY_LIMIT_BYTES', 0)
+  yield request.param
+  data.load.cache_clear()
+
+
+def file_numbers(batch_images, info):
+  """The k of each flat image of ``corrupt_folder`` (gray level 30 * k + 15)."""
+  return np.round((pixels(batch_images, info).mean(axis=(1, 2, 3)) - 15) / 30).astype(int)
+
+
+def skip_warnings(caplog, path):
+  return [r for r in caplog.records if r.levelno == logging.WARNING and path in r.getMessage()]
+
+
+def corrupt_files(folder, split):
+  root = folder[len('folder:'):]
+  names = {'train': [('ant', '1.jpg'), ('bee', '4.jpg')], 'val': [('bee', '2.png')]}[split]
+  return [os.path.join(root, split, *name) for name in names]
+
+
+def test_unreadable_image_is_an_error_naming_the_file(corrupt_folder, storage):
+  train = data.train_batches(corrupt_folder, global_batch_size=6, image_size=8, seed=0)
+  named = '|'.join(map(re.escape, corrupt_files(corrupt_folder, 'train')))
+  with pytest.raises(ValueError, match=f'Cannot read image ({named}): '):
+    next(train)  # the whole split
+  evaluation = data.eval_batches(corrupt_folder, global_batch_size=4, image_size=8)
+  with pytest.raises(ValueError, match=re.escape(
+      f'Cannot read image {corrupt_files(corrupt_folder, "val")[0]}: ')):
+    next(evaluation)
+
+
+def test_skipped_training_images_read_the_next_file_whatever_the_workers(
+    corrupt_folder, storage, monkeypatch, caplog):
+  broken = corrupt_files(corrupt_folder, 'train')
+  caplog.set_level(logging.WARNING)
+  kwargs = dict(global_batch_size=6, image_size=8, seed=0, skip_unreadable_images=True)
+  monkeypatch.setattr(pool, 'WORKERS', 1)
+  epochs = take(data.train_batches(corrupt_folder, **kwargs), 2)
+  info = data.dataset_info(corrupt_folder)
+  assert isinstance(data.load(corrupt_folder, None), memory.InMemory) == (
+      storage == 'in memory')
+  for batch in epochs:
+    # Every file once, but the rows of ant/1.jpg and bee/4.jpg read the next files, ant/2.jpg
+    # and bee/5.jpg, with their labels.
+    numbers = file_numbers(batch['image'], info)
+    assert sorted(numbers) == [0, 2, 2, 3, 5, 5]
+    np.testing.assert_array_equal(batch['label'], numbers >= 3)
+  # Logged once however often skipped, and counted.
+  assert [len(skip_warnings(caplog, path)) for path in broken] == [1, 1]
+  assert sorted(data.skipped_images(corrupt_folder)) == broken
+  if storage == 'streamed':  # 3 workers (and resuming at step 1): the same batch
+    monkeypatch.setattr(pool, 'WORKERS', 3)
+    resumed = next(data.train_batches(corrupt_folder, start_step=1, **kwargs))
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(resumed[key], epochs[1][key])
+
+
+def test_skipped_evaluation_images_are_masked_out(corrupt_folder, storage, caplog):
+  broken = corrupt_files(corrupt_folder, 'val')
+  caplog.set_level(logging.WARNING)
+  batches = list(data.eval_batches(corrupt_folder, global_batch_size=4, image_size=8,
+                                   skip_unreadable_images=True))
+  assert len(batches) == 1
+  batch = batches[0]
+  np.testing.assert_array_equal(batch['mask'], [1, 1, 0, 1])
+  np.testing.assert_array_equal(batch['label'], [0, 0, 0, 1])
+  assert not batch['image'][2].any()
+  real = batch['mask'] == 1
+  np.testing.assert_array_equal(
+      file_numbers(batch['image'][real], data.dataset_info(corrupt_folder)), [0, 1, 3])
+  assert len(skip_warnings(caplog, broken[0])) == 1
+  assert data.skipped_images(corrupt_folder) == broken
 
 
 def test_big_jpeg_crops_are_decoded_at_a_reduced_scale_and_resampled_like_numpy(

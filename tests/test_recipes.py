@@ -33,6 +33,8 @@ A_B = {
     'eval_image_size': 224,         # test.py: CenterCrop(224)
     'crop_fraction': 0.875,         # test.py: Resize(256) then CenterCrop(224)
     'aux_loss_weight': 0.1,         # unused by A/B (no auxiliary heads)
+    'skip_unreadable_images': False,  # train.py: torchvision's ImageFolder raises on an
+                                      # unreadable image
 }
 
 # B2g4, B3g4, B3 (paper Sec. 4.1 and Table 4: "200 epochs ... Autoaugment, label smoothing,
@@ -74,6 +76,8 @@ L2PSE = {
     'eval_image_size': 320,         # README command: DATA.TEST_SIZE 320
     'crop_fraction': 1.0,           # data/build.py: Resize(TEST_SIZE) + CenterCrop(TEST_SIZE)
     'aux_loss_weight': 0.1,         # main.py: loss += 0.1 * criterion(aux output)
+    'skip_unreadable_images': False,  # data/build.py: torchvision's ImageFolder raises on
+                                      # an unreadable image
 }
 
 CONFIGS = [

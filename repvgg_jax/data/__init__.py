@@ -14,6 +14,10 @@ Datasets (the ``dataset`` argument):
 * ``'tfds:<name>'`` or a plain TFDS name: any TFDS image-classification dataset (downloaded and
   prepared by TFDS when needed);
 * ``'folder:/path/to/root'``: ``root/train/<class>/*`` and ``root/val/<class>/*`` images.
+  A file that cannot be read or decoded is an error naming it when a batch reads it; with
+  ``skip_unreadable_images=True`` it is skipped instead: logged the first time (a warning
+  naming it), counted (``skipped_images``), masked out of the evaluation, and in training
+  its row reads the next readable file of the split (``folders.stand_ins``).
 
 Small datasets (Fashion-MNIST, folders and TFDS datasets under their modules'
 ``IN_MEMORY_LIMIT_BYTES``) are decoded once into numpy and augmented with numpy in a
@@ -32,12 +36,13 @@ global batch size): in-memory datasets and image folders walk a seeded permutati
 epoch, and every random choice of the augmentation is a hash of (seed, step, position in
 the global batch). Process ``p`` of ``P`` receives rows ``[p*B/P, (p+1)*B/P)`` of that
 global batch, so ``start_step`` resumes exactly and any process count sees the same global
-batches. Streamed TFDS datasets are the exception allowed for their size: each process reads
-its own shard of the split (``tfds.even_splits``, dropping fewer than P examples) in an
-order seeded by (seed, epoch), cut into whole batches (the last partial batch of each epoch
-is skipped), so their batches depend on the process count; resuming by step is still exact
-for the same process count (resuming mid-epoch re-reads, without decoding, the part of the
-epoch already done).
+batches. Skipping an image folder's unreadable files keeps this: the file a row reads
+instead is a function of its example alone (``folders.stand_ins``). Streamed TFDS datasets
+are the exception allowed for their size: each process reads its own shard of the split
+(``tfds.even_splits``, dropping fewer than P examples) in an order seeded by (seed, epoch),
+cut into whole batches (the last partial batch of each epoch is skipped), so their batches
+depend on the process count; resuming by step is still exact for the same process count
+(resuming mid-epoch re-reads, without decoding, the part of the epoch already done).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from repvgg_jax.data.info import ACCEPTED_DATASETS, Batch, DatasetInfo
 from repvgg_jax.data.prefetch import Prefetcher
 
 __all__ = ['Batch', 'DatasetInfo', 'dataset_info', 'debian_fashion_mnist_present',
-           'eval_batches', 'train_batches']
+           'eval_batches', 'skipped_images', 'train_batches']
 
 Source = Union[memory.InMemory, folders.StreamedFolder, tfds.Streamed]
 
@@ -86,10 +91,20 @@ def dataset_info(dataset: str, data_dir: Optional[str] = None) -> DatasetInfo:
   return load(dataset, data_dir).info
 
 
+def skipped_images(dataset: str, data_dir: Optional[str] = None) -> list[str]:
+  """The image files of ``dataset`` that this process's batches skipped as unreadable
+  (``skip_unreadable_images``) so far, in the order first met."""
+  source = load(dataset, data_dir)
+  if isinstance(source, (memory.InMemory, folders.StreamedFolder)):
+    return source.skipped.paths()
+  return []  # a TFDS dataset streamed by tf.data: no files of its own
+
+
 def train_batches(dataset: str, *, global_batch_size: int, image_size: int, seed: int,
                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
                   data_dir: Optional[str] = None, augment: str = 'simple',
-                  min_crop_scale: float = 0.08) -> Iterator[Batch]:
+                  min_crop_scale: float = 0.08,
+                  skip_unreadable_images: bool = False) -> Iterator[Batch]:
   """Endless training batches of this process, from step ``start_step`` on.
 
   Each batch is ``{'image': float32 [B/P, image_size, image_size, C] normalized,
@@ -97,7 +112,10 @@ def train_batches(dataset: str, *, global_batch_size: int, image_size: int, seed
   3/4..4/3), horizontal flip (not with ``augment='crop'``), with ``augment='autoaugment'``
   AutoAugment's ImageNet policy,
   then ``(pixel - mean) / std``. Process ``p`` gets rows ``[p*B/P, (p+1)*B/P)`` of the
-  global batch of each step (see the package docstring on determinism).
+  global batch of each step (see the package docstring on determinism). An image folder's
+  unreadable file is an error, or with ``skip_unreadable_images`` its row reads the next
+  readable file of the split, with that file's label (logged, counted by
+  ``skipped_images``).
   """
   (global_batch_size, local_batch_size, process_index, process_count,
    image_size) = batching.check_batching(global_batch_size, process_index, process_count,
@@ -116,6 +134,7 @@ def train_batches(dataset: str, *, global_batch_size: int, image_size: int, seed
     return Prefetcher(tfds.train_batches(source, process_count=process_count, **common))
   module = folders if isinstance(source, folders.StreamedFolder) else memory
   return Prefetcher(module.train_batches(source, global_batch_size=global_batch_size,
+                                         skip_unreadable_images=skip_unreadable_images,
                                          **common))
 
 
@@ -123,7 +142,8 @@ def eval_batches(dataset: str, *, global_batch_size: int, image_size: int,
                  process_index: int = 0, process_count: int = 1,
                  data_dir: Optional[str] = None, crop_fraction: float = 0.875,
                  mean: Optional[Sequence[float]] = None,
-                 std: Optional[Sequence[float]] = None) -> Iterator[Batch]:
+                 std: Optional[Sequence[float]] = None,
+                 skip_unreadable_images: bool = False) -> Iterator[Batch]:
   """The evaluation split once, in batches of this process: ``{'image', 'label', 'mask'}``.
 
   Images are resized (shorter side to ``image_size / crop_fraction``), centre-cropped to
@@ -131,7 +151,9 @@ def eval_batches(dataset: str, *, global_batch_size: int, image_size: int,
   ``mean`` and ``std`` where given (those the weights were trained with, e.g. ImageNet's
   for published weights). Every example appears exactly once over all processes and
   batches; the last batches are padded to full size with zero images and ``mask`` 0.
-  All processes yield the same number of batches.
+  All processes yield the same number of batches. An image folder's unreadable file is an
+  error, or with ``skip_unreadable_images`` a zero image with ``mask`` 0 (logged, counted
+  by ``skipped_images``).
   """
   (global_batch_size, local_batch_size, process_index, process_count,
    image_size) = batching.check_batching(global_batch_size, process_index, process_count,
@@ -154,4 +176,5 @@ def eval_batches(dataset: str, *, global_batch_size: int, image_size: int,
   module = folders if isinstance(source, folders.StreamedFolder) else memory
   return Prefetcher(module.eval_batches(
       source, global_batch_size=global_batch_size, local_batch_size=local_batch_size,
-      image_size=image_size, process_index=process_index, crop_fraction=crop_fraction))
+      image_size=image_size, process_index=process_index, crop_fraction=crop_fraction,
+      skip_unreadable_images=skip_unreadable_images))

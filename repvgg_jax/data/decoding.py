@@ -8,13 +8,18 @@ size, and resamples the box by bilinear interpolation at half-pixel centres with
 antialiasing, as ``transforms.bilinear`` and tf.image.resize do. Measured per 500x375 JPEG
 on this project's 2-core machine (docs/benchmarks.md, "Input pipeline"): Pillow decode +
 antialiased resize of a 400x300 box 2.6 ms, OpenCV decode + resize 1.5 ms.
+
+A file that cannot be read is an ``UnreadableImageError`` naming it; the batches that skip
+such files (``skip_unreadable_images``) record them in a ``SkippedImages``.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-from typing import NamedTuple, Optional
+import logging
+import threading
+from typing import Iterable, NamedTuple, Optional
 
 import numpy as np
 from PIL import Image
@@ -26,8 +31,44 @@ _REDUCED = {1: ('IMREAD_GRAYSCALE', 'IMREAD_REDUCED_GRAYSCALE_2', 'IMREAD_REDUCE
                 'IMREAD_REDUCED_COLOR_8')}
 
 
+_logger = logging.getLogger(__name__)
+
+
 class UnreadableImageError(ValueError):
-  """An image file that cannot be read or decoded; the message names the file."""
+  """An image file that cannot be read or decoded, ``UnreadableImageError(path, reason)``;
+  the message names the file. Both arguments are strings: pickling rebuilds the error from
+  them when a decoding worker hands it to the trainer's process."""
+
+  @property
+  def path(self) -> str:
+    return self.args[0]
+
+  def __str__(self) -> str:
+    return f'Cannot read image {self.args[0]}: {self.args[1]}'
+
+
+class SkippedImages:
+  """The image files of a dataset that its batches skipped as unreadable, in the order first
+  met; each is logged (a warning naming the file and what became of its row) the first time.
+  Batches are made in a background thread and counted in the trainer's, hence the lock."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._paths: dict[str, None] = {}  # an ordered set
+
+  def add(self, errors: Iterable[UnreadableImageError], training: bool) -> None:
+    for error in errors:
+      with self._lock:
+        first = error.path not in self._paths
+        self._paths[error.path] = None
+      if first:
+        _logger.warning('Skipped an unreadable image (%s): %s', (
+            'its training row reads the next readable file of the split' if training
+            else 'left out of the evaluation'), error)
+
+  def paths(self) -> list[str]:
+    with self._lock:
+      return list(self._paths)
 
 
 def decode(path: str, channels: Optional[int] = None) -> np.ndarray:
@@ -39,7 +80,7 @@ def decode(path: str, channels: Optional[int] = None) -> np.ndarray:
         channels = 1 if image.mode in ('1', 'L', 'I;16', 'I', 'F') else 3
       pixels = np.asarray(image.convert('L' if channels == 1 else 'RGB'))
   except Exception as error:  # missing, truncated or not an image: say which file
-    raise UnreadableImageError(f'Cannot read image {path}: {error}') from error
+    raise UnreadableImageError(path, str(error)) from error
   return pixels.reshape(pixels.shape[:2] + (-1,))
 
 
@@ -88,7 +129,7 @@ def read(path: str) -> Encoded:
     with Image.open(io.BytesIO(data)) as header:
       return Encoded(path, data, header.size[1], header.size[0], header.format == 'JPEG')
   except Exception as error:  # missing, unreadable or not an image: say which file
-    raise UnreadableImageError(f'Cannot read image {path}: {error}') from error
+    raise UnreadableImageError(path, str(error)) from error
 
 
 def decode_crop(encoded: Encoded, top: float, left: float, height: float, width: float,

@@ -1,5 +1,11 @@
 """Datasets decoded once into numpy (Fashion-MNIST, small folders and TFDS datasets), and
-their batches: crops resampled and augmented with numpy on a few threads."""
+their batches: crops resampled and augmented with numpy on a few threads.
+
+An image folder's files that cannot be decoded are listed (``InMemory.train_unreadable``,
+``eval_unreadable``): a batch that reads one raises its error, or with
+``skip_unreadable_images`` records it as skipped (``decoding.SkippedImages``) and reads, in
+training, the stand-in that ``folders.load`` put in its place, in evaluation a masked-out
+row."""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from typing import Iterator, Sequence, Union
 
 import numpy as np
 
-from repvgg_jax.data import batching, transforms
+from repvgg_jax.data import batching, decoding, transforms
 from repvgg_jax.data.info import Batch, DatasetInfo
 
 
@@ -66,6 +72,12 @@ class InMemory:
   train_labels: np.ndarray
   eval_images: Images
   eval_labels: np.ndarray
+  # An image folder's examples whose file cannot be decoded, and the files batches skipped.
+  train_unreadable: dict[int, decoding.UnreadableImageError] = dataclasses.field(
+      default_factory=dict)
+  eval_unreadable: dict[int, decoding.UnreadableImageError] = dataclasses.field(
+      default_factory=dict)
+  skipped: decoding.SkippedImages = dataclasses.field(default_factory=decoding.SkippedImages)
 
   @classmethod
   def create(cls, name: str, train_images: Images, train_labels: np.ndarray,
@@ -77,9 +89,24 @@ class InMemory:
                eval_labels.astype(np.int32))
 
 
+def _readable(examples: np.ndarray, unreadable: dict[int, decoding.UnreadableImageError],
+              skip_unreadable_images: bool, skipped: decoding.SkippedImages,
+              training: bool) -> np.ndarray:
+  """Whether each of ``examples`` can be read. An unreadable one raises its error (the
+  first's), or with ``skip_unreadable_images`` is recorded in ``skipped``."""
+  bad = np.isin(examples, list(unreadable))
+  if bad.any():
+    errors = [unreadable[example] for example in examples[bad].tolist()]
+    if not skip_unreadable_images:
+      raise errors[0]
+    skipped.add(errors, training)
+  return ~bad
+
+
 def train_batches(source: InMemory, *, global_batch_size: int, local_batch_size: int,
                   image_size: int, seed: int, start_step: int, process_index: int,
-                  augment: str, min_crop_scale: float) -> Iterator[Batch]:
+                  augment: str, min_crop_scale: float,
+                  skip_unreadable_images: bool) -> Iterator[Batch]:
   """Endless training batches of ``batching.train_plan``, augmented on AUGMENT_THREADS."""
 
   def augment_rows(examples, draws):
@@ -92,13 +119,17 @@ def train_batches(source: InMemory, *, global_batch_size: int, local_batch_size:
       len(source.train_images), global_batch_size=global_batch_size,
       local_batch_size=local_batch_size, seed=seed, start_step=start_step,
       process_index=process_index):
+    _readable(examples, source.train_unreadable, skip_unreadable_images, source.skipped,
+              training=True)
     yield {'image': batching.in_chunks(augment_rows, examples, draws),
            'label': source.train_labels[examples]}
 
 
 def eval_batches(source: InMemory, *, global_batch_size: int, local_batch_size: int,
-                 image_size: int, process_index: int, crop_fraction: float) -> Iterator[Batch]:
-  """The evaluation batches of ``batching.eval_plan``: resized, centre-cropped, masked."""
+                 image_size: int, process_index: int, crop_fraction: float,
+                 skip_unreadable_images: bool) -> Iterator[Batch]:
+  """The evaluation batches of ``batching.eval_plan``: resized, centre-cropped, masked
+  (skipped unreadable files too)."""
 
   def crop_rows(examples):
     heights, widths = source.eval_images.shapes(examples)
@@ -111,6 +142,9 @@ def eval_batches(source: InMemory, *, global_batch_size: int, local_batch_size: 
   for examples, mask in batching.eval_plan(
       len(source.eval_images), global_batch_size=global_batch_size,
       local_batch_size=local_batch_size, process_index=process_index):
+    mask = mask.copy()
+    mask[mask] = _readable(examples[mask], source.eval_unreadable, skip_unreadable_images,
+                           source.skipped, training=False)
     yield {'image': batching.in_chunks(crop_rows, examples) * mask[:, None, None, None],
            'label': np.where(mask, source.eval_labels[examples], 0).astype(np.int32),
            'mask': mask.astype(np.float32)}

@@ -5,8 +5,9 @@ batch out, so per-example Python (decoding, cropping) never runs under its GIL.
 Each batch is cut into one chunk of rows per worker; a chunk's rows depend only on its
 task, so the number of workers changes nothing in the batches. A worker that raises hands
 its error to the consumer (a file's ``UnreadableImageError`` names the file); a worker that
-dies breaks the pool with an error rather than a hang; workers end with the process they
-work for.
+dies (killed, or crashed in a decoder) breaks the pool, and the consumer gets that
+``BrokenProcessPool`` error rather than a hang; workers end with the process they work
+for.
 
 The workers are forked from multiprocessing's fork server (started once per process, with
 this package imported), never from the trainer's process, whose JAX and TensorFlow threads
@@ -73,8 +74,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _compute(slot: int, start: int, function: Callable[..., None], rows: Sequence) -> None:
-  function(_task_context, *rows, out=_slots[slot, start:start + len(rows[0])])
+def _compute(slot: int, start: int, function: Callable[..., Any], rows: Sequence) -> Any:
+  return function(_task_context, *rows, out=_slots[slot, start:start + len(rows[0])])
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -85,15 +86,16 @@ def _context() -> multiprocessing.context.BaseContext:
   return context
 
 
-def map_batches(tasks: Iterator[tuple[Callable[..., None], Sequence[Sequence], Any]],
+def map_batches(tasks: Iterator[tuple[Callable[..., Any], Sequence[Sequence]]],
                 *, rows: int, row_shape: tuple[int, ...], context: Any = None,
-                workers: Optional[int] = None) -> Iterator[tuple[np.ndarray, Any]]:
-  """``(batch, payload)`` for each ``(function, columns, payload)`` of ``tasks``, in order:
+                workers: Optional[int] = None) -> Iterator[tuple[np.ndarray, list]]:
+  """``(batch, results)`` for each ``(function, columns)`` of ``tasks``, in order:
   ``function(context, *column_chunks, out=rows)`` fills the float32 ``[rows, *row_shape]``
-  batch chunk by chunk in worker processes (``workers``, default WORKERS). ``context``
-  (a file index) is sent to each worker once, the columns (example numbers, draws) with
-  each chunk; ``function`` must be picklable (a module-level function or a
-  ``functools.partial`` of one). The payload (labels, masks) stays in this process."""
+  batch chunk by chunk in worker processes (``workers``, default WORKERS) and returns what
+  the consumer needs of its chunk (labels, masks, the files it skipped): ``results``, one
+  per chunk in row order. ``context`` (a file index) is sent to each worker once, the
+  columns (example numbers, draws) with each chunk; ``function`` must be picklable (a
+  module-level function or a ``functools.partial`` of one)."""
   workers = workers or WORKERS
   shape = (DEPTH, rows) + tuple(row_shape)
   shared = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)) * 4)
@@ -123,19 +125,18 @@ def map_batches(tasks: Iterator[tuple[Callable[..., None], Sequence[Sequence], A
         task = next(tasks, None)
         if task is None:
           break
-        function, columns, payload = task
+        function, columns = task
         slot = free_slots.pop()
         futures = [executor.submit(_compute, slot, lo, function, [c[lo:hi] for c in columns])
                    for lo, hi in zip(bounds[:-1], bounds[1:])]
-        pending.append((slot, payload, futures))
+        pending.append((slot, futures))
       if not pending:
         return
-      slot, payload, futures = pending.popleft()
-      for future in futures:
-        future.result()
+      slot, futures = pending.popleft()
+      results = [future.result() for future in futures]
       batch = slots[slot].copy()
       free_slots.append(slot)
-      yield batch, payload
+      yield batch, results
   finally:
     # Unlinked first (the mappings stay valid): when this runs at interpreter exit, the
     # shutdown below may never return.

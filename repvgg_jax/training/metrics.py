@@ -113,6 +113,8 @@ def summary_table(summary: dict[str, Any]) -> str:
           ('deploy model: eval accuracy', f'{100 * summary["deploy_eval_accuracy"]:.2f}%')]
   if 'ema_eval_accuracy' in summary:
     rows.append(('EMA weights: eval accuracy', f'{100 * summary["ema_eval_accuracy"]:.2f}%'))
+  if 'skipped_images' in summary:
+    rows.append(('unreadable images skipped', str(summary['skipped_images'])))
   rows += [('training images/s (after compilation)', f'{summary["images_per_second"]:.0f}'),
            ('steps', str(summary['step'])),
            ('checkpoints', summary['checkpoints']),

@@ -12,6 +12,11 @@ pairs neighbouring rows, so neither depends on how the batch is split over devic
 processes: 1 device, 4 devices and 2 processes x 2 devices give the same losses, and a run
 restarted from its last checkpoint ends exactly where an uninterrupted one does.
 
+With ``config.skip_unreadable_images``, an image folder's unreadable files are skipped
+rather than an error (``repvgg_jax.data``): each is logged once, and ``metrics.jsonl`` and
+the summary count them (``skipped_images``: the files this process skipped, training and
+evaluation).
+
 Workdir layout: ``run.json`` (model metadata, ``checkpoint.model_metadata``, plus the
 config), ``checkpoints/<step>/state`` (``step``, ``params``, ``batch_stats``,
 ``opt_state`` and, with EMA, ``ema``), ``metrics.jsonl``, TensorBoard event files, and at
@@ -161,7 +166,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     return data.eval_batches(
         config.dataset, global_batch_size=config.eval_batch_size or config.batch_size,
         image_size=config.eval_image_size, process_index=process, process_count=processes,
-        data_dir=config.data_dir or None, crop_fraction=config.crop_fraction)
+        data_dir=config.data_dir or None, crop_fraction=config.crop_fraction,
+        skip_unreadable_images=config.skip_unreadable_images)
+
+  def skipped_images() -> dict[str, int]:
+    if not config.skip_unreadable_images:
+      return {}
+    return {'skipped_images': len(data.skipped_images(config.dataset,
+                                                      config.data_dir or None))}
 
   # ------------------------------------------------------------------ train
   replicated = parallel.replicate(state)
@@ -178,7 +190,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
           config.dataset, global_batch_size=config.batch_size, image_size=config.image_size,
           seed=config.seed, start_step=start_step, process_index=process,
           process_count=processes, data_dir=config.data_dir or None, augment=config.augment,
-          min_crop_scale=config.min_crop_scale)
+          min_crop_scale=config.min_crop_scale,
+          skip_unreadable_images=config.skip_unreadable_images)
       train = compiled.train.result()
       for step in range(start_step + 1, total_steps + 1):
         replicated, step_metrics = train(replicated, parallel.shard(next(batches), devices),
@@ -197,6 +210,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         if step % config.log_every_steps == 0 or step == total_steps:
           logged = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
           logged['epoch'] = step / steps_per_epoch
+          logged.update(skipped_images())
           images_per_second = throughput.window()
           if not math.isnan(images_per_second):
             logged['images_per_second'] = images_per_second
@@ -253,7 +267,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     checkpoint.save_variables(os.path.join(workdir, DEPLOY_DIR), deploy_variables, metadata,
                               overwrite=True, this_process_only=True)
   summary.update(step=final_step, images_per_second=images_per_second,
-                 checkpoints=str(manager.directory))
+                 checkpoints=str(manager.directory), **skipped_images())
   writer.write(final_step, {k: summary[k] for k in (
       'eval_loss', 'eval_accuracy', 'deploy_eval_loss', 'deploy_eval_accuracy')})
   writer.close()
