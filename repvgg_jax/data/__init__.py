@@ -89,15 +89,17 @@ def dataset_info(dataset: str, data_dir: Optional[str] = None) -> DatasetInfo:
 def train_batches(dataset: str, *, global_batch_size: int, image_size: int, seed: int,
                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
                   data_dir: Optional[str] = None, augment: str = 'simple',
-                  min_crop_scale: float = 0.08) -> Iterator[Batch]:
+                  min_crop_scale: float = 0.08, mean: Optional[Sequence[float]] = None,
+                  std: Optional[Sequence[float]] = None) -> Iterator[Batch]:
   """Endless training batches of this process, from step ``start_step`` on.
 
   Each batch is ``{'image': float32 [B/P, image_size, image_size, C] normalized,
   'label': int32 [B/P]}``: random-resized-crop (area ``min_crop_scale``..1, aspect ratio
   3/4..4/3), horizontal flip (not with ``augment='crop'``), with ``augment='autoaugment'``
   AutoAugment's ImageNet policy,
-  then ``(pixel - mean) / std``. Process ``p`` gets rows ``[p*B/P, (p+1)*B/P)`` of the
-  global batch of each step (see the package docstring on determinism).
+  then ``(pixel - mean) / std`` (the dataset's own statistics, or ``mean`` and ``std``
+  where given, as in ``eval_batches``). Process ``p`` gets rows ``[p*B/P, (p+1)*B/P)`` of
+  the global batch of each step (see the package docstring on determinism).
   """
   (global_batch_size, local_batch_size, process_index, process_count,
    image_size) = batching.check_batching(global_batch_size, process_index, process_count,
@@ -108,7 +110,7 @@ def train_batches(dataset: str, *, global_batch_size: int, image_size: int, seed
     raise ValueError(f'min_crop_scale must be in (0, 1], got {min_crop_scale!r}')
   start_step = batching.integer('start_step', start_step, 0)
   seed = batching.integer('seed', seed, 0)
-  source = load(dataset, data_dir)
+  source = _normalized(load(dataset, data_dir), dataset, mean, std)
   common = dict(local_batch_size=local_batch_size, image_size=image_size, seed=seed,
                 start_step=start_step, process_index=process_index, augment=augment,
                 min_crop_scale=min_crop_scale)
@@ -138,15 +140,7 @@ def eval_batches(dataset: str, *, global_batch_size: int, image_size: int,
                                          image_size)
   if not 0 < crop_fraction <= 1:
     raise ValueError(f'crop_fraction must be in (0, 1], got {crop_fraction!r}')
-  source = load(dataset, data_dir)
-  if (mean is None) != (std is None):
-    raise ValueError('give both mean and std (the normalization of the weights), or neither')
-  if mean is not None:
-    if len(mean) != source.info.channels or len(std) != source.info.channels:
-      raise ValueError(f'mean and std need one value per channel: {dataset} has '
-                       f'{source.info.channels}, got {len(mean)} and {len(std)}')
-    source = dataclasses.replace(source, info=dataclasses.replace(
-        source.info, mean=tuple(map(float, mean)), std=tuple(map(float, std))))
+  source = _normalized(load(dataset, data_dir), dataset, mean, std)
   if isinstance(source, tfds.Streamed):
     return Prefetcher(tfds.eval_batches(
         source, local_batch_size=local_batch_size, image_size=image_size,
@@ -155,3 +149,18 @@ def eval_batches(dataset: str, *, global_batch_size: int, image_size: int,
   return Prefetcher(module.eval_batches(
       source, global_batch_size=global_batch_size, local_batch_size=local_batch_size,
       image_size=image_size, process_index=process_index, crop_fraction=crop_fraction))
+
+
+def _normalized(source: Source, dataset: str, mean: Optional[Sequence[float]],
+                std: Optional[Sequence[float]]) -> Source:
+  """``source`` normalizing with ``mean`` and ``std`` where given (those the weights were
+  trained with, e.g. ImageNet's for published weights), else with its own statistics."""
+  if (mean is None) != (std is None):
+    raise ValueError('give both mean and std (the normalization of the weights), or neither')
+  if mean is None:
+    return source
+  if len(mean) != source.info.channels or len(std) != source.info.channels:
+    raise ValueError(f'mean and std need one value per channel: {dataset} has '
+                     f'{source.info.channels}, got {len(mean)} and {len(std)}')
+  return dataclasses.replace(source, info=dataclasses.replace(
+      source.info, mean=tuple(map(float, mean)), std=tuple(map(float, std))))
