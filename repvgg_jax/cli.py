@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from repvgg_jax.convolution import CONV_IMPLS
 from repvgg_jax.models import DTYPES
+from repvgg_jax.quantization import KEEP_FLOAT
 from repvgg_jax.variants import MIN_IMAGE_SIZE, get_variant, list_models
 
 
@@ -89,6 +90,11 @@ def image_size(text: str) -> int:
   return size
 
 
+def names(text: str) -> list[str]:
+  """A comma-separated list of names, possibly empty."""
+  return [v for v in text.split(',') if v]
+
+
 def choices(accepted: Sequence[str]) -> Callable[[str], list[str]]:
   """A comma-separated list of values from ``accepted``."""
   def parse(text: str) -> list[str]:
@@ -135,6 +141,13 @@ def add_workdir(parser: argparse.ArgumentParser, **kwargs: Any) -> None:
 
 def add_step(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--step', type=int, help='checkpoint step of --workdir (default: latest)')
+
+
+def add_keep_float(parser: Any) -> None:
+  """``--keep-float``: the top-level modules an int8 model keeps in float."""
+  parser.add_argument('--keep-float', type=names, default=list(KEEP_FLOAT),
+                      help='comma-separated top-level modules kept in float by int8 '
+                      f'quantization (default: {",".join(KEEP_FLOAT)}; "" for none)')
 
 
 def add_overwrite(parser: argparse.ArgumentParser) -> None:

@@ -10,19 +10,29 @@ symbolic batch dimension, which runs with nothing but jax::
 
     exported = jax.export.deserialize(open('OUT/model.jax_export', 'rb').read())
     logits = exported.call(images)  # [N, H, W, 3] float32, normalized as in model.json
+
+With ``int8=Int8Options(...)`` (``convert.py deploy --quantize int8``) the deploy model is
+also quantized after training (``quantization``): calibrated on the run's first training
+batches, compared with the float deploy model on the run's evaluation split (top-1
+agreement, logits error, both top-1 accuracies), and written as the float deploy variables
+plus the calibrated input ranges (``model.json``'s ``int8``), from which
+``quantization.quantize`` makes the int8 model deterministically, as ``load_deploy`` does
+(a TensorRT calibration cache beside an ONNX model is the same idea). The exports are then
+the int8 model's: stablehlo with its int8 convolutions, ONNX as a QDQ graph.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import checkpoint, convolution, onnx_export, torch_io
+from repvgg_jax import calibration, checkpoint, convolution, onnx_export, quantization, torch_io
 from repvgg_jax.equivalence import TOLERANCE, relative_error
 from repvgg_jax.models import check_variables, create_model, exact_forward, num_classes_of
 from repvgg_jax.reparam import reparameterize
@@ -37,7 +47,32 @@ KNOWN_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
 
 class ConversionError(ValueError):
-  """The deploy model does not reproduce the training-time model."""
+  """The deploy model does not reproduce the training-time model (or its int8 model
+  agrees with it less than asked)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Options:
+  """How ``convert_training_run`` quantizes the deploy model to int8.
+
+  Attributes:
+    calibration_batches: the run's first training batches to calibrate on.
+    method: of ``quantization.METHODS``; 'percentile' (the default here) kept plain
+      RepVGG's Fashion-MNIST accuracy best (docs/benchmarks.md, int8).
+    percentile: of |x|, for 'percentile'.
+    keep_float: top-level modules left in float (``quantization.KEEP_FLOAT``).
+    dataset, data_dir: the data to calibrate and verify on (default: the run's).
+    agreement_batches: evaluation batches to compare on (default: the whole split).
+    min_agreement: refuse (write nothing) when int8 and float agree on fewer eval images.
+  """
+  calibration_batches: int = 8
+  method: str = 'percentile'
+  percentile: float = 99.99
+  keep_float: tuple[str, ...] = quantization.KEEP_FLOAT
+  dataset: Optional[str] = None
+  data_dir: Optional[str] = None
+  agreement_batches: Optional[int] = None
+  min_agreement: float = 0.0
 
 
 def check_structure(variables: Any, model: str, num_classes: int, deploy: bool,
@@ -65,16 +100,80 @@ def verify_deploy(model: str, num_classes: int, train_variables: Any, deploy_var
 
 def export_deploy(model: str, num_classes: int, deploy_variables: Any, image_size: int,
                   conv_impl: str = 'xla', channels: int = 3,
-                  platforms: Optional[Sequence[str]] = EXPORT_PLATFORMS) -> bytes:
+                  platforms: Optional[Sequence[str]] = EXPORT_PLATFORMS,
+                  int8: Optional[Mapping[str, Any]] = None) -> bytes:
   """A serialized ``jax.export`` of the deploy forward pass, weights embedded as
   constants, input ``[batch, image_size, image_size, channels]`` float32 with a symbolic
-  batch."""
+  batch; of its int8 model where ``int8`` (``model.json``'s ``int8``: ranges and
+  ``keep_float``) is given."""
   net = create_model(model, num_classes, deploy=True, conv_impl=conv_impl)
-  variables = jax.tree_util.tree_map(jnp.asarray, deploy_variables)
-  forward = jax.jit(lambda x: net.apply(variables, x))
+  apply, variables = net.apply, jax.tree_util.tree_map(jnp.asarray, deploy_variables)
+  if int8 is not None:
+    apply, variables = _int8_model(net, variables, int8)
+  forward = jax.jit(lambda x: apply(variables, x))
   batch, = jax.export.symbolic_shape('batch')
   spec = jax.ShapeDtypeStruct((batch, image_size, image_size, channels), jnp.float32)
   return jax.export.export(forward, platforms=platforms)(spec).serialize()
+
+
+def _int8_model(net: Any, deploy_variables: Any, int8: Mapping[str, Any]
+                ) -> tuple[Callable[..., jax.Array], Any]:
+  """``(apply, variables)`` of the int8 model of ``net`` (the deploy model, XLA convs)
+  that ``int8`` (``model.json``'s: ``ranges``, ``keep_float``) describes."""
+  keep_float = tuple(int8['keep_float'])
+  variables = quantization.quantize(net, deploy_variables, int8['ranges'], keep_float)
+  return quantization.quantized_model(net, keep_float).apply, variables
+
+
+def quantize_deploy(run: Mapping[str, Any], deploy_variables: Any, options: Int8Options,
+                    log: Any = print) -> dict[str, Any]:
+  """Calibrate and verify the int8 model of a run's deploy variables (see the module
+  docstring); returns ``model.json``'s ``int8`` entry.
+
+  Raises:
+    calibration.CalibrationDataError: the data cannot be read or does not fit the model.
+    ConversionError: int8 and float agree on less than ``options.min_agreement``.
+  """
+  if not 0 <= options.min_agreement <= 1:
+    raise ValueError(f'min_agreement must be in [0, 1], got {options.min_agreement}')
+  run_data = calibration.RunData.of_run(run, options.dataset, options.data_dir)
+  net = create_model(run['model'], run_data.num_classes, deploy=True)
+  images = run_data.calibration_images(options.calibration_batches)
+  ranges = quantization.calibrate(net, deploy_variables, images, options.method,
+                                  options.percentile)
+  log(f'int8: calibrated {len(ranges)} layer inputs ({options.method}) on '
+      f'{sum(len(b) for b in images)} training images of {run_data.dataset}')
+  entry = {'method': options.method, 'keep_float': list(options.keep_float),
+           'ranges': {k: float(v) for k, v in sorted(ranges.items())},
+           'calibration': {'dataset': run_data.dataset, 'split': 'train',
+                           'batches': options.calibration_batches,
+                           'images': sum(len(b) for b in images), 'seed': run_data.seed,
+                           'augment': run_data.augment}}
+  if options.method == 'percentile':
+    entry['percentile'] = options.percentile
+  int8_apply, int8_variables = _int8_model(net, deploy_variables, entry)
+  report = calibration.compare(
+      calibration.predictor(net.apply, deploy_variables),
+      {'int8': calibration.predictor(int8_apply, int8_variables)},
+      run_data.eval_batches(), options.agreement_batches)
+  entry['verification'] = {
+      'dataset': run_data.dataset, 'split': 'eval', 'images': report['images'],
+      'top1_agreement': report['agreement']['int8'],
+      'logits_relative_error': report['logits_relative_error']['int8'],
+      'float_top1': report['top1']['float'], 'int8_top1': report['top1']['int8']}
+  verification = entry['verification']
+  log(f'int8 vs float on {verification["images"]} eval images: top-1 agreement '
+      f'{verification["top1_agreement"]:.2%}, logits relative error '
+      f'{verification["logits_relative_error"]:.2e}; top-1 float '
+      f'{verification["float_top1"]:.2%}, int8 {verification["int8_top1"]:.2%}')
+  if verification['top1_agreement'] < options.min_agreement:
+    raise ConversionError(
+        f'the int8 model agrees with the float deploy model on '
+        f'{verification["top1_agreement"]:.2%} of {verification["images"]} eval images, '
+        f'below --min-agreement {options.min_agreement:.2%}; nothing written (QARepVGG '
+        "blocks, config.block='qarepvgg', quantize far better; or try another "
+        '--calibration-method)')
+  return entry
 
 
 def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
@@ -82,6 +181,7 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
                          export: Union[None, str, Sequence[str]] = None,
                          conv_impl: str = 'xla', overwrite: bool = False,
                          platforms: Optional[Sequence[str]] = EXPORT_PLATFORMS,
+                         int8: Optional[Int8Options] = None,
                          log: Any = print) -> dict[str, Any]:
   """Write the verified deploy checkpoint of a training run; returns its metadata.
 
@@ -97,11 +197,15 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
       variables are always ``reparameterize``'s, for every ``conv_impl``).
     overwrite: replace an existing ``output``.
     platforms: platforms lowered into the export.
+    int8: also quantize to int8 (see the module docstring); the exports are then the
+      int8 model's, with XLA's convolutions.
     log: called with one line per stage.
 
   Raises:
     CheckpointError: missing, unreadable or mismatched checkpoint, or existing output.
-    ConversionError: the deploy model's error exceeds ``TOLERANCE``; nothing is written.
+    ConversionError: the deploy model's error exceeds ``TOLERANCE``, or its int8 model
+      agrees less than ``int8.min_agreement``; nothing is written.
+    calibration.CalibrationDataError: ``int8``'s data cannot be read or does not fit.
   """
   exports = [export] if isinstance(export, str) else list(export or ())
   unknown = [e for e in exports if e not in EXPORT_FORMATS]
@@ -109,6 +213,11 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
     raise ValueError(f'unknown export format {unknown[0]!r}; accepted: '
                      f'{", ".join(EXPORT_FORMATS)}')
   convolution.check_conv_impl(conv_impl, deploy=True)
+  if int8 is not None and 'onnx' in exports:
+    raise ValueError('ONNX export of the int8 model: not yet')
+  if int8 is not None and conv_impl != 'xla':
+    raise ValueError(f'the int8 model computes with XLA\'s (integer) convolutions: '
+                     f'conv_impl {conv_impl!r} does not apply to it; use xla')
   output = os.path.abspath(output)
   checkpoint.refuse_existing(output, overwrite)
   train_variables, step, run = checkpoint.restore_training_variables(workdir, step)
@@ -146,15 +255,19 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
   metadata = checkpoint.model_metadata(
       run_model, num_classes, image_size, mean, std, structure='deploy',
       source=os.path.abspath(workdir), step=int(step), conversion_relative_error=error)
+  if int8 is not None:
+    metadata['int8'] = quantize_deploy(run, deploy_variables, int8, log)
   files = {}
   if 'stablehlo' in exports:
     serialized = export_deploy(run_model, num_classes, checked, image_size, conv_impl,
-                               channels, platforms)
+                               channels, platforms, metadata.get('int8'))
     files[EXPORT_FILE] = serialized
     metadata['export'] = {'file': EXPORT_FILE, 'format': 'stablehlo', 'conv_impl': conv_impl,
                           'platforms': list(platforms or [jax.default_backend()]),
-                          'input': ['batch', image_size, image_size, channels]}
-    log(f'exported {len(serialized) / 2**20:.1f} MiB (stablehlo, {conv_impl}, symbolic batch)')
+                          'input': ['batch', image_size, image_size, channels],
+                          'int8': int8 is not None}
+    log(f'exported {len(serialized) / 2**20:.1f} MiB (stablehlo, '
+        f'{"int8" if int8 is not None else conv_impl}, symbolic batch)')
   if 'onnx' in exports:
     files[ONNX_FILE] = onnx_export.to_onnx(run_model, deploy_variables, num_classes, channels)
     try:
@@ -173,27 +286,41 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
   return metadata
 
 
-def load_deploy(directory: str, conv_impl: str = 'auto', dtype: Any = jnp.float32
+def load_deploy(directory: str, conv_impl: str = 'auto', dtype: Any = jnp.float32,
+                int8: Optional[bool] = None
                 ) -> tuple[Callable[[jax.Array], jax.Array], dict[str, Any]]:
   """``(forward, metadata)`` of a deploy variables directory written by ``convert.py``.
 
   ``forward(images)`` is the jitted deploy model (images normalized as ``metadata``
-  says). ``conv_impl='auto'`` picks the fastest measured implementation for the default
-  backend (``convolution.default_conv_impl``: Winograd F(4x4) on CPU at float32, XLA's
-  convolution elsewhere); on CPU also start JAX with ``xla_backend.CPU_FAST_FLAGS``.
+  says): its int8 model where the directory holds one (``convert.py --quantize int8``)
+  unless ``int8=False``. ``conv_impl='auto'`` picks the fastest measured implementation
+  of the float model for the default backend (``convolution.default_conv_impl``: Winograd
+  F(4x4) on CPU at float32, XLA's convolution elsewhere; on CPU also start JAX with
+  ``xla_backend.CPU_FAST_FLAGS``); the int8 model computes with XLA's convolutions.
   """
   variables, metadata = checkpoint.load_variables(directory)
   if metadata.get('structure') != 'deploy':
     raise checkpoint.CheckpointError(f'{directory}: structure is '
                                      f'{metadata.get("structure")!r}, not a deploy checkpoint')
+  if int8 and 'int8' not in metadata:
+    raise checkpoint.CheckpointError(f'{directory}: holds no int8 calibration (convert it '
+                                     'with convert.py deploy --quantize int8)')
+  name = metadata['model']
+  if 'int8' in metadata and int8 is not False:
+    if conv_impl not in ('auto', 'xla') or jnp.dtype(dtype) != jnp.float32:
+      raise ValueError(f'{directory}: the int8 model computes with XLA\'s convolutions in '
+                       f'float32 around int8; conv_impl {conv_impl!r} / dtype '
+                       f'{jnp.dtype(dtype).name} do not apply (int8=False loads the float '
+                       'model)')
+    net = create_model(name, metadata['num_classes'], deploy=True)
+    apply, variables = _int8_model(net, variables, metadata['int8'])
+    return calibration.predictor(apply, variables), metadata
   if conv_impl == 'auto':
     conv_impl = convolution.default_conv_impl(jax.default_backend(), dtype)
-  name = metadata['model']
   net = create_model(name, metadata['num_classes'], deploy=True, dtype=dtype,
                      conv_impl=conv_impl)
-  variables = jax.device_put(convolution.transform_kernels(variables, name, conv_impl))
-  apply = jax.jit(net.apply)
-  return functools.partial(apply, variables), metadata
+  variables = convolution.transform_kernels(variables, name, conv_impl)
+  return calibration.predictor(net.apply, variables), metadata
 
 
 def import_torch(source: str, model: str, output: str, image_size: int = 224,

@@ -9,23 +9,27 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 
 import convert
 import repvgg_jax as rv
 from repvgg_jax.equivalence import random_variables, relative_error
-from repvgg_jax import checkpoint, conversion, equivalence
+from repvgg_jax import checkpoint, conversion, equivalence, quantization
 
 # Grey images, as Fashion-MNIST's: the channel count comes from the normalization.
 MODEL, CLASSES, SIZE, CHANNELS = 'RepVGG-A0', 10, 32, 1
 MEAN, STD = (1.0,), (4.0,)
+RUN_CONFIG = {'batch_size': 16, 'eval_batch_size': 8, 'seed': 0}
 
 
 def write_run(workdir, steps_and_seeds, model=MODEL, channels=CHANNELS):
   """A training run as train.py writes it: run.json and checkpoints/<step>/state."""
   os.makedirs(workdir, exist_ok=True)
+  # The batch sizes of a config, which names no dataset: int8 calibration (1 batch)
+  # and verification read them.
   checkpoint.write_json(os.path.join(workdir, checkpoint.RUN_METADATA),
                         checkpoint.model_metadata(model, CLASSES, SIZE, MEAN * channels,
-                                                  STD * channels))
+                                                  STD * channels, config=RUN_CONFIG))
   net = rv.create_model(MODEL, CLASSES)
   states = {}
   with checkpoint.checkpoint_manager(workdir) as manager:
@@ -219,3 +223,127 @@ def test_command_line_mistakes_are_usage_errors(capsys):
     convert.main(['--from-torch', 'x.pth', '--output', 'out'])
   assert exit_info.value.code == 2
   assert '--from-torch needs --model' in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# --quantize int8: calibration on the run's data, agreement on its eval split.
+
+
+def write_folder(root, classes=CLASSES, per_class=2, mode='L', size=SIZE):
+  """A tiny image folder (train/ and val/, ``per_class`` images of each class)."""
+  rng = np.random.default_rng(0)
+  for split in ('train', 'val'):
+    for c in range(classes):
+      os.makedirs(root / split / f'c{c}', exist_ok=True)
+      for i in range(per_class):
+        pixels = rng.integers(0, 256, (size, size) + (() if mode == 'L' else (3,)), np.uint8)
+        Image.fromarray(pixels, mode).save(root / split / f'c{c}' / f'{i}.png')
+  return f'folder:{root}'
+
+
+@pytest.fixture(scope='module')
+def grey_folder(tmp_path_factory):
+  return write_folder(tmp_path_factory.mktemp('grey'))
+
+
+INT8_ARGS = ['--quantize', 'int8', '--calibration-batches', '1']
+
+
+@pytest.fixture(scope='module')
+def int8_converted(run, grey_folder, tmp_path_factory):
+  """convert.py deploy --quantize int8 --export stablehlo of the latest checkpoint,
+  calibrated and verified on a tiny grey image folder."""
+  workdir, _ = run
+  output = str(tmp_path_factory.mktemp('int8') / 'deploy')
+  assert convert.main(['deploy', '--workdir', workdir, '--output', output, *INT8_ARGS,
+                       '--calibration-dataset', grey_folder, '--export', 'stablehlo',
+                       '--platforms', 'cpu']) == 0
+  return output
+
+
+def test_int8_conversion_records_its_calibration_and_agreement(int8_converted):
+  _, metadata = checkpoint.load_variables(int8_converted)
+  int8 = metadata['int8']
+  # Every conv's and the classifier's input (A0: 22 convs).
+  assert len(int8['ranges']) == 23 and min(int8['ranges'].values()) >= 0
+  assert (int8['method'], int8['keep_float']) == ('percentile', ['stage0', 'linear'])
+  assert int8['calibration']['images'] == 16 and int8['calibration']['split'] == 'train'
+  verification = int8['verification']
+  assert verification['images'] == 2 * CLASSES  # the whole val split, once
+  assert 0 <= verification['top1_agreement'] <= 1
+  assert verification['logits_relative_error'] > 0  # int8 rounding is not exact
+  assert metadata['export']['int8'] is True
+
+
+def test_int8_checkpoint_loads_and_exports_as_the_int8_model(int8_converted):
+  variables, metadata = checkpoint.load_variables(int8_converted)
+  net = rv.create_model(MODEL, CLASSES, deploy=True)
+  ranges = metadata['int8']['ranges']
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, SIZE, SIZE, CHANNELS))
+  expected = quantization.quantized_model(net).apply(
+      quantization.quantize(net, variables, ranges), x)
+  forward, _ = conversion.load_deploy(int8_converted)
+  np.testing.assert_array_equal(forward(x), expected)
+  float_forward, _ = conversion.load_deploy(int8_converted, int8=False, conv_impl='xla')
+  assert relative_error(float_forward(x), net.apply(variables, x)) < 1e-5
+  assert relative_error(float_forward(x), expected) > 1e-4  # the two differ
+  with open(os.path.join(int8_converted, conversion.EXPORT_FILE), 'rb') as f:
+    exported = jax.export.deserialize(f.read())
+  assert relative_error(exported.call(x), expected) < 1e-6
+
+
+@pytest.mark.parametrize('problem', ['no dataset', 'missing folder', 'colour images'])
+def test_bad_calibration_data_is_one_line_and_writes_nothing(problem, run, tmp_path, capsys):
+  workdir, _ = run
+  args = {'no dataset': [],  # the run's run.json names none
+          'missing folder': ['--calibration-dataset', f'folder:{tmp_path / "nowhere"}'],
+          'colour images': ['--calibration-dataset',
+                            write_folder(tmp_path / 'rgb', classes=2, per_class=1,
+                                         mode='RGB')]}[problem]
+  output = tmp_path / 'out'
+  assert convert.main(['deploy', '--workdir', workdir, '--output', str(output), *INT8_ARGS,
+                       *args]) == 1
+  message = capsys.readouterr().err
+  assert message.startswith('convert.py: error:') and len(message.splitlines()) == 1
+  assert {'no dataset': 'names no dataset', 'missing folder': 'does not exist',
+          'colour images': 'has 2 classes of 3-channel images'}[problem] in message
+  assert not output.exists()
+
+
+def test_int8_agreeing_less_than_min_agreement_is_not_written(run, grey_folder, tmp_path,
+                                                              monkeypatch, capsys):
+  workdir, _ = run
+  # The refusal alone: made-up ranges and agreement spare calibrating and evaluating.
+  monkeypatch.setattr(conversion.quantization, 'calibrate',
+                      lambda model, variables, *_: dict.fromkeys(
+                          quantization.layer_inputs(model, variables,
+                                                    np.zeros((1, SIZE, SIZE, CHANNELS))), 1.0))
+  monkeypatch.setattr(conversion.calibration, 'compare', lambda *_: {
+      'images': 20, 'top1': {'float': 0.5, 'int8': 0.3}, 'agreement': {'int8': 0.5},
+      'logits_relative_error': {'int8': 0.2}})
+  output = tmp_path / 'out'
+  assert convert.main(['deploy', '--workdir', workdir, '--output', str(output), *INT8_ARGS,
+                       '--calibration-dataset', grey_folder, '--min-agreement', '0.51']) == 1
+  message = capsys.readouterr().err
+  assert 'on 50.00% of 20 eval images, below --min-agreement 51.00%; nothing written' in message
+  assert len(message.splitlines()) == 1 and not output.exists()
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--agreement-batches', '2'], '--agreement-batches applies to --quantize int8 only'),
+    (INT8_ARGS + ['--min-agreement', '98'], '--min-agreement 98.0: a share in [0, 1]'),
+    (['--quantize', 'int4'], "invalid choice: 'int4'"),
+    (INT8_ARGS + ['--calibration-method', 'entropy'], "invalid choice: 'entropy'"),
+])
+def test_int8_flag_mistakes_are_usage_errors(args, expected, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    convert.main(['deploy', '--workdir', 'run', '--output', 'out', *args])
+  assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_int8_refuses_a_winograd_export(run, tmp_path, capsys):
+  workdir, _ = run
+  assert convert.main(['deploy', '--workdir', workdir, '--output', str(tmp_path / 'o'),
+                       *INT8_ARGS, '--conv-impl', 'winograd4']) == 1
+  assert "conv_impl 'winograd4' does not apply" in capsys.readouterr().err
+  assert os.listdir(tmp_path) == []

@@ -103,7 +103,8 @@ def skipped_images(dataset: str, data_dir: Optional[str] = None) -> list[str]:
 def train_batches(dataset: str, *, global_batch_size: int, image_size: int, seed: int,
                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
                   data_dir: Optional[str] = None, augment: str = 'simple',
-                  min_crop_scale: float = 0.08,
+                  min_crop_scale: float = 0.08, mean: Optional[Sequence[float]] = None,
+                  std: Optional[Sequence[float]] = None,
                   skip_unreadable_images: bool = False) -> Iterator[Batch]:
   """Endless training batches of this process, from step ``start_step`` on.
 
@@ -111,10 +112,11 @@ def train_batches(dataset: str, *, global_batch_size: int, image_size: int, seed
   'label': int32 [B/P]}``: random-resized-crop (area ``min_crop_scale``..1, aspect ratio
   3/4..4/3), horizontal flip (not with ``augment='crop'``), with ``augment='autoaugment'``
   AutoAugment's ImageNet policy,
-  then ``(pixel - mean) / std``. Process ``p`` gets rows ``[p*B/P, (p+1)*B/P)`` of the
-  global batch of each step (see the package docstring on determinism). An image folder's
-  unreadable file is an error, or with ``skip_unreadable_images`` its row reads the next
-  readable file of the split, with that file's label (logged, counted by
+  then ``(pixel - mean) / std`` (the dataset's own statistics, or ``mean`` and ``std``
+  where given, as in ``eval_batches``). Process ``p`` gets rows ``[p*B/P, (p+1)*B/P)`` of
+  the global batch of each step (see the package docstring on determinism). An image
+  folder's unreadable file is an error, or with ``skip_unreadable_images`` its row reads
+  the next readable file of the split, with that file's label (logged, counted by
   ``skipped_images``).
   """
   (global_batch_size, local_batch_size, process_index, process_count,
@@ -126,7 +128,7 @@ def train_batches(dataset: str, *, global_batch_size: int, image_size: int, seed
     raise ValueError(f'min_crop_scale must be in (0, 1], got {min_crop_scale!r}')
   start_step = batching.integer('start_step', start_step, 0)
   seed = batching.integer('seed', seed, 0)
-  source = load(dataset, data_dir)
+  source = _normalized(load(dataset, data_dir), dataset, mean, std)
   common = dict(local_batch_size=local_batch_size, image_size=image_size, seed=seed,
                 start_step=start_step, process_index=process_index, augment=augment,
                 min_crop_scale=min_crop_scale)
@@ -160,15 +162,7 @@ def eval_batches(dataset: str, *, global_batch_size: int, image_size: int,
                                          image_size)
   if not 0 < crop_fraction <= 1:
     raise ValueError(f'crop_fraction must be in (0, 1], got {crop_fraction!r}')
-  source = load(dataset, data_dir)
-  if (mean is None) != (std is None):
-    raise ValueError('give both mean and std (the normalization of the weights), or neither')
-  if mean is not None:
-    if len(mean) != source.info.channels or len(std) != source.info.channels:
-      raise ValueError(f'mean and std need one value per channel: {dataset} has '
-                       f'{source.info.channels}, got {len(mean)} and {len(std)}')
-    source = dataclasses.replace(source, info=dataclasses.replace(
-        source.info, mean=tuple(map(float, mean)), std=tuple(map(float, std))))
+  source = _normalized(load(dataset, data_dir), dataset, mean, std)
   if isinstance(source, tfds.Streamed):
     return Prefetcher(tfds.eval_batches(
         source, local_batch_size=local_batch_size, image_size=image_size,
@@ -178,3 +172,18 @@ def eval_batches(dataset: str, *, global_batch_size: int, image_size: int,
       source, global_batch_size=global_batch_size, local_batch_size=local_batch_size,
       image_size=image_size, process_index=process_index, crop_fraction=crop_fraction,
       skip_unreadable_images=skip_unreadable_images))
+
+
+def _normalized(source: Source, dataset: str, mean: Optional[Sequence[float]],
+                std: Optional[Sequence[float]]) -> Source:
+  """``source`` normalizing with ``mean`` and ``std`` where given (those the weights were
+  trained with, e.g. ImageNet's for published weights), else with its own statistics."""
+  if (mean is None) != (std is None):
+    raise ValueError('give both mean and std (the normalization of the weights), or neither')
+  if mean is None:
+    return source
+  if len(mean) != source.info.channels or len(std) != source.info.channels:
+    raise ValueError(f'mean and std need one value per channel: {dataset} has '
+                     f'{source.info.channels}, got {len(mean)} and {len(std)}')
+  return dataclasses.replace(source, info=dataclasses.replace(
+      source.info, mean=tuple(map(float, mean)), std=tuple(map(float, std))))
