@@ -10,7 +10,8 @@
 The preprocessing defaults to the weights' own: for published weights the size and crop
 fraction their top-1 was measured with (A/B: 224 at 0.875; D2se, L2pse: 320 at 1.0), for a
 run or a variables directory those it was trained and evaluated with; --image-size and
---crop-fraction override them. --deploy evaluates the re-parameterized model of
+--crop-fraction override them. An int8 deploy directory (convert.py deploy --quantize int8)
+is evaluated as its int8 model, --float-model as its float one. --deploy evaluates the re-parameterized model of
 training-time weights (deploy weights always run as the deploy model). An image folder's
 file that cannot be read is an error naming it; --skip-unreadable-images leaves such files
 out of the metrics instead (each is logged, and their number printed). All local devices
@@ -52,6 +53,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
   parser.add_argument('--skip-unreadable-images', action='store_true',
                       help='leave an image folder\'s unreadable files out of the metrics '
                       '(logged, counted) instead of failing on the first')
+  parser.add_argument('--float-model', action='store_true',
+                      help='evaluate an int8 deploy directory\'s float model (by default its '
+                      'int8 model: convert.py deploy --quantize int8)')
   parser.add_argument('--batch-size', type=cli.positive_int, default=256,
                       help='global evaluation batch, a multiple of the devices (default: 256)')
   cli.add_conv_impl(parser, help='how the convolutions are computed (repvgg_jax.convolution;'
@@ -80,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         weights, args.dataset, deploy=args.deploy, image_size=args.image_size,
         crop_fraction=args.crop_fraction, batch_size=args.batch_size, data_dir=args.data_dir,
         conv_impl=args.conv_impl, dtype=args.dtype,
-        skip_unreadable_images=args.skip_unreadable_images)
+        skip_unreadable_images=args.skip_unreadable_images, float_model=args.float_model)
   except (checkpoint.CheckpointError, ValueError, OSError) as e:
     return cli.fail('evaluate.py', e)
   print(f'| model | weights | structure | dataset | size | crop | top-1 | top-5 | loss | '

@@ -107,22 +107,13 @@ def export_deploy(model: str, num_classes: int, deploy_variables: Any, image_siz
   batch; of its int8 model where ``int8`` (``model.json``'s ``int8``: ranges and
   ``keep_float``) is given."""
   net = create_model(model, num_classes, deploy=True, conv_impl=conv_impl)
-  apply, variables = net.apply, jax.tree_util.tree_map(jnp.asarray, deploy_variables)
+  variables = jax.tree_util.tree_map(jnp.asarray, deploy_variables)
   if int8 is not None:
-    apply, variables = _int8_model(net, variables, int8)
-  forward = jax.jit(lambda x: apply(variables, x))
+    net, variables = quantization.int8_model(net, variables, int8)
+  forward = jax.jit(lambda x: net.apply(variables, x))
   batch, = jax.export.symbolic_shape('batch')
   spec = jax.ShapeDtypeStruct((batch, image_size, image_size, channels), jnp.float32)
   return jax.export.export(forward, platforms=platforms)(spec).serialize()
-
-
-def _int8_model(net: Any, deploy_variables: Any, int8: Mapping[str, Any]
-                ) -> tuple[Callable[..., jax.Array], Any]:
-  """``(apply, variables)`` of the int8 model of ``net`` (the deploy model, XLA convs)
-  that ``int8`` (``model.json``'s: ``ranges``, ``keep_float``) describes."""
-  keep_float = tuple(int8['keep_float'])
-  variables = quantization.quantize(net, deploy_variables, int8['ranges'], keep_float)
-  return quantization.quantized_model(net, keep_float).apply, variables
 
 
 def quantize_deploy(run: Mapping[str, Any], deploy_variables: Any, options: Int8Options,
@@ -151,10 +142,10 @@ def quantize_deploy(run: Mapping[str, Any], deploy_variables: Any, options: Int8
                            'augment': run_data.augment}}
   if options.method == 'percentile':
     entry['percentile'] = options.percentile
-  int8_apply, int8_variables = _int8_model(net, deploy_variables, entry)
+  int8_net, int8_variables = quantization.int8_model(net, deploy_variables, entry)
   report = calibration.compare(
       calibration.predictor(net.apply, deploy_variables),
-      {'int8': calibration.predictor(int8_apply, int8_variables)},
+      {'int8': calibration.predictor(int8_net.apply, int8_variables)},
       run_data.eval_batches(), options.agreement_batches)
   entry['verification'] = {
       'dataset': run_data.dataset, 'split': 'eval', 'images': report['images'],
@@ -313,8 +304,8 @@ def load_deploy(directory: str, conv_impl: str = 'auto', dtype: Any = jnp.float3
                        f'{jnp.dtype(dtype).name} do not apply (int8=False loads the float '
                        'model)')
     net = create_model(name, metadata['num_classes'], deploy=True)
-    apply, variables = _int8_model(net, variables, metadata['int8'])
-    return calibration.predictor(apply, variables), metadata
+    int8_net, variables = quantization.int8_model(net, variables, metadata['int8'])
+    return calibration.predictor(int8_net.apply, variables), metadata
   if conv_impl == 'auto':
     conv_impl = convolution.default_conv_impl(jax.default_backend(), dtype)
   net = create_model(name, metadata['num_classes'], deploy=True, dtype=dtype,

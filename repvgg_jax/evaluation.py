@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 import jax
 import numpy as np
 
-from repvgg_jax import checkpoint, convolution, data, torch_io
+from repvgg_jax import checkpoint, convolution, data, quantization, torch_io
 from repvgg_jax.models import DTYPES, create_model, num_classes_of
 from repvgg_jax.reparam import reparameterize
 from repvgg_jax.training import compilation, parallel
@@ -67,6 +67,7 @@ class Weights:
   mean: tuple[float, ...]  # (pixel - mean) / std, per channel, pixels in [0, 255]
   std: tuple[float, ...]
   source: str
+  int8: Optional[dict[str, Any]] = None  # a deploy directory's int8 calibration (convert.py)
 
 
 def load_weights(model: Optional[str] = None, weights: Optional[str] = None,
@@ -103,21 +104,27 @@ def load_weights(model: Optional[str] = None, weights: Optional[str] = None,
   return Weights(metadata['model'], variables, structure, num_classes_of(variables),
                  int(metadata['image_size']), float(crop_fraction),
                  tuple(metadata.get('mean', IMAGENET_MEAN)),
-                 tuple(metadata.get('std', IMAGENET_STD)), source)
+                 tuple(metadata.get('std', IMAGENET_STD)), source, metadata.get('int8'))
 
 
 def evaluate_weights(weights: Weights, dataset: str, *, deploy: bool = False,
                      image_size: Optional[int] = None, crop_fraction: Optional[float] = None,
                      batch_size: int = 256, data_dir: Optional[str] = None,
                      conv_impl: str = 'xla', dtype: str = 'float32',
-                     skip_unreadable_images: bool = False) -> dict[str, Any]:
+                     skip_unreadable_images: bool = False,
+                     float_model: bool = False) -> dict[str, Any]:
   """Evaluate ``weights`` on the evaluation split of ``dataset`` (``repvgg_jax.data``'s
   names) at ``image_size``/``crop_fraction`` (default: the weights' own); ``deploy``
   re-parameterizes training-time weights first (deploy weights are evaluated as they
-  are); ``skip_unreadable_images`` leaves an image folder's unreadable files out of the
+  are, int8 ones as their int8 model unless ``float_model``); ``skip_unreadable_images`` leaves an image folder's unreadable files out of the
   metrics (each logged) instead of failing on them. Returns top-1, top-5, loss, the
   number of examples, the number of unreadable files skipped and images/s."""
   deploy = deploy or weights.structure == 'deploy'
+  int8 = weights.int8 is not None and not float_model
+  if int8 and (conv_impl != 'xla' or dtype != 'float32'):
+    raise EvaluationError(f'{weights.source}: an int8 model computes with XLA\'s '
+                          f'convolutions around float32; --conv-impl {conv_impl} / --dtype '
+                          f'{dtype} do not apply (--float-model evaluates its float model)')
   image_size = image_size or weights.image_size
   crop_fraction = crop_fraction or weights.crop_fraction
   convolution.check_conv_impl(conv_impl, deploy)
@@ -139,6 +146,8 @@ def evaluate_weights(weights: Weights, dataset: str, *, deploy: bool = False,
     variables = convolution.transform_kernels(variables, weights.model, conv_impl)
   model = create_model(weights.model, weights.num_classes, deploy=deploy,
                        dtype=DTYPES[dtype], conv_impl=conv_impl)
+  if int8:
+    model, variables = quantization.int8_model(model, variables, weights.int8)
   p_eval = compilation.pmapped_eval_step(model)
   batches = data.eval_batches(
       dataset, global_batch_size=batch_size, image_size=image_size,
@@ -147,7 +156,8 @@ def evaluate_weights(weights: Weights, dataset: str, *, deploy: bool = False,
       skip_unreadable_images=skip_unreadable_images)
   result = evaluate(p_eval, parallel.replicate(variables), batches, devices)
   return {'model': weights.model, 'source': weights.source, 'dataset': dataset,
-          'structure': 'deploy' if deploy else 'train', 'image_size': image_size,
+          'structure': 'deploy int8' if int8 else 'deploy' if deploy else 'train',
+          'image_size': image_size,
           'crop_fraction': crop_fraction, 'top1': 100 * result['accuracy'],
           'top5': 100 * result['top5_accuracy'], 'loss': result['loss'],
           'count': result['count'],

@@ -215,6 +215,16 @@ def quantize(model: RepVGG, variables: Tree, ranges: Mapping[str, float],
   return {'params': params}
 
 
+def int8_model(model: RepVGG, variables: Tree, calibration: Mapping[str, Any]
+               ) -> tuple[nn.Module, dict[str, Any]]:
+  """``(int8_model, int8_variables)``: the int8 model of the float deploy ``model`` and
+  ``variables`` that ``calibration`` describes (a deploy checkpoint's ``model.json``
+  ``int8`` entry: the ``ranges`` of ``calibrate`` and the ``keep_float`` modules)."""
+  keep_float = tuple(calibration['keep_float'])
+  return (quantized_model(model, keep_float),
+          quantize(model, variables, calibration['ranges'], keep_float))
+
+
 def int8_layers(quantized: Tree) -> dict[str, dict[str, np.ndarray]]:
   """The tensors of each int8 layer of ``quantize``'s output, by module path, as a QDQ
   graph (QuantizeLinear/DequantizeLinear around each conv) wants them: ``kernel`` (int8,

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import convert
+import evaluate
 import repvgg_jax as rv
 from repvgg_jax.equivalence import random_variables, relative_error
 from repvgg_jax import checkpoint, conversion, equivalence, quantization
@@ -290,6 +291,24 @@ def test_int8_checkpoint_loads_and_exports_as_the_int8_model(int8_converted):
   with open(os.path.join(int8_converted, conversion.EXPORT_FILE), 'rb') as f:
     exported = jax.export.deserialize(f.read())
   assert relative_error(exported.call(x), expected) < 1e-6
+
+
+def test_evaluate_runs_an_int8_directory_as_its_int8_model(int8_converted, grey_folder,
+                                                          tmp_path):
+  _, metadata = checkpoint.load_variables(int8_converted)
+  results = {}
+  for name, flags in (('int8', []), ('float', ['--float-model'])):
+    result = tmp_path / f'{name}.json'
+    assert evaluate.main(['--variables', int8_converted, '--dataset', grey_folder,
+                          '--batch-size', '4', '--json', str(result), *flags]) == 0
+    results[name] = json.loads(result.read_text())
+  assert (results['int8']['structure'], results['float']['structure']) == (
+      'deploy int8', 'deploy')
+  verification = metadata['int8']['verification']
+  # The conversion's own verification ran the same split with the same preprocessing
+  # (one image of 20 may flip on a near tie between different batch compositions).
+  for name in results:
+    assert abs(results[name]['top1'] - 100 * verification[f'{name}_top1']) <= 5
 
 
 @pytest.mark.parametrize('problem', ['no dataset', 'missing folder', 'colour images'])

@@ -19,14 +19,10 @@ import os
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import repvgg_jax as rv  # noqa: E402
-from repvgg_jax import checkpoint, cli, data, quantization  # noqa: E402
+from repvgg_jax import calibration, checkpoint, cli, quantization  # noqa: E402
 from repvgg_jax.training.trainer import DEPLOY_DIR  # noqa: E402
 
 
@@ -40,14 +36,12 @@ def main(argv=None) -> int:
                       help='training batches to calibrate on (default: 8)')
   parser.add_argument('--percentile', type=float, default=99.99,
                       help="of |x|, for the 'percentile' method (default: 99.99)")
-  parser.add_argument('--keep-float', default=','.join(quantization.KEEP_FLOAT),
-                      help='comma-separated top-level modules kept in float '
-                           f'(default: {",".join(quantization.KEEP_FLOAT)}; "" for none)')
+  cli.add_keep_float(parser)
   parser.add_argument('--json', metavar='FILE', help='also write the results here')
   args = parser.parse_args(argv)
   try:
     results = evaluate_run(args.workdir, args.methods, args.calibration_batches,
-                           args.percentile, [m for m in args.keep_float.split(',') if m])
+                           args.percentile, args.keep_float)
   except (ValueError, checkpoint.CheckpointError, OSError) as e:
     return cli.fail(parser.prog, e)
   print(json.dumps(results, indent=2))
@@ -61,51 +55,33 @@ def evaluate_run(workdir: str, methods: list[str], calibration_batches: int,
                  percentile: float, keep_float: list[str]) -> dict:
   """Float and int8 test accuracy of the run in ``workdir`` (see the module docstring)."""
   variables, metadata = checkpoint.load_variables(os.path.join(workdir, DEPLOY_DIR))
-  config = checkpoint.read_json(os.path.join(workdir, checkpoint.RUN_METADATA))['config']
+  run = checkpoint.read_json(os.path.join(workdir, checkpoint.RUN_METADATA))
+  run_data = calibration.RunData.of_run(run)
   model = rv.create_model(metadata['model'], metadata['num_classes'], deploy=True)
   # The float reference computes the same function with the run's conv_impl ('patches' is
   # several times faster on CPU at 32x32); qwix's int8 model needs XLA's convolutions.
   float_model = rv.create_model(metadata['model'], metadata['num_classes'], deploy=True,
-                                conv_impl=config['conv_impl'])
-  data = dict(image_size=config['image_size'], data_dir=config['data_dir'] or None)
-  train = data.train_batches(
-      config['dataset'], global_batch_size=config['batch_size'], seed=config['seed'],
-      augment=config['augment'], min_crop_scale=config['min_crop_scale'], **data)
-  calibration = [next(train)['image'] for _ in range(calibration_batches)]
+                                conv_impl=run['config']['conv_impl'])
+  images = run_data.calibration_images(calibration_batches)
 
   start = time.perf_counter()
-  predictors = {'float': jax.jit(float_model.apply)}
-  int8_variables = {'float': variables}
-  ranges = {}
+  int8_models, ranges = {}, {}
   for method in methods:
-    ranges[method] = quantization.calibrate(model, variables, calibration, method, percentile)
-    int8_variables[method] = quantization.quantize(model, variables, ranges[method],
-                                                   keep_float)
-    predictors[method] = jax.jit(quantization.quantized_model(model, keep_float).apply)
+    ranges[method] = quantization.calibrate(model, variables, images, method, percentile)
+    int8_models[method] = calibration.predictor(
+        quantization.quantized_model(model, keep_float).apply,
+        quantization.quantize(model, variables, ranges[method], keep_float))
   calibration_seconds = time.perf_counter() - start
-
-  correct = {k: 0 for k in predictors}
-  agree = {k: 0 for k in predictors}
-  count = 0
-  for batch in data.eval_batches(
-      config['dataset'], global_batch_size=config['eval_batch_size'] or config['batch_size'],
-      crop_fraction=config['crop_fraction'], **data):
-    mask = np.asarray(batch['mask'], bool)
-    predictions = {k: np.asarray(jnp.argmax(f(int8_variables[k], batch['image']), -1))[mask]
-                   for k, f in predictors.items()}
-    labels = np.asarray(batch['label'])[mask]
-    for k, p in predictions.items():
-      correct[k] += int(np.sum(p == labels))
-      agree[k] += int(np.sum(p == predictions['float']))
-    count += int(mask.sum())
+  report = calibration.compare(calibration.predictor(float_model.apply, variables),
+                               int8_models, run_data.eval_batches())
   return {
       'workdir': os.path.abspath(workdir), 'model': metadata['model'],
-      'block': config.get('block', 'repvgg'), 'test_images': count,
-      'calibration': {'batches': calibration_batches, 'images': sum(len(b) for b in calibration),
+      'block': run['config'].get('block', 'repvgg'), 'test_images': report['images'],
+      'calibration': {'batches': calibration_batches, 'images': sum(len(b) for b in images),
                       'percentile': percentile, 'keep_float': keep_float,
                       'seconds': round(calibration_seconds, 1)},
-      'accuracy': {k: correct[k] / count for k in predictors},
-      'agreement_with_float': {k: agree[k] / count for k in methods},
+      'accuracy': report['top1'], 'agreement_with_float': report['agreement'],
+      'logits_relative_error': report['logits_relative_error'],
       'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
   }
 
