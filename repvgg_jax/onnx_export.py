@@ -25,13 +25,46 @@ knows; the IR version is the lowest that opset allows, for older runtimes):
 
 Weights are float32 initializers named ``<block>.conv.weight`` (OIHW),
 ``<block>.conv.bias``, ``<block>.se.{down,up}.{weight,bias}`` and
-``linear.{weight,bias}``. Images are normalized as for the JAX model (the graph does
-no preprocessing).
+``linear.{weight,bias}`` (``[in, out]``). Images are normalized as for the JAX model (the
+graph does no preprocessing).
+
+The int8 model of ``repvgg_jax.quantization`` is written in QDQ form, as TensorRT's
+explicit quantization and onnxruntime's quantizer write it, by ``to_onnx(...,
+int8_layers=quantization.int8_layers(int8_vars))``. Each of those layers (``<layer>``
+names it as its float weights do: ``stage1_0.conv``, ``stage1_0.se.down``, ``linear``)
+computes on
+
+* its input through ``QuantizeLinear -> DequantizeLinear`` with the float32 scalar scale
+  ``<layer>.input_scale`` and the int8 zero point ``int8.zero_point`` (0: symmetric);
+* its weight ``<layer>.weight``, an int8 initializer in the float graph's layout, through
+  ``DequantizeLinear`` with one float32 scale per output channel ``<layer>.weight_scale``
+  (``axis`` 0 for ``Conv``'s OIHW, 1 for ``Gemm``'s ``[in, out]``);
+* its float32 bias ``<layer>.bias``, added as qwix adds it (to the rescaled sum).
+
+The other layers (``keep_float``: by default the stem and the classifier) stay float, and
+no output is quantized. That is qwix's arithmetic up to float32 rounding: QuantizeLinear
+rounds half to even and saturates to [-128, 127] as qwix does (XLA's float-to-int8
+conversion saturates, so an input beyond a clipping calibration's range gives -128 or 127
+in both), but it divides by the scale where XLA:CPU multiplies by the reciprocal, and the
+float convolution of dequantized values sums in another order than qwix's integer one.
+These flip the rounding of a few elements of the next layer's input by one step, and the
+flips cascade: the outputs of the whole graph differ from qwix's by up to ~2.5% (relative
+L2; ~1% on trained models, whose top-1 is the same on 99-99.6% of images; qwix's own
+outputs move by up to 1.6% when its images are scaled by 1 + 1e-6). Hence
+``INT8_TOLERANCE``, which tells the int8 graph from the float one (6.5% and more away) and
+from layout or scale mistakes, though not one layer left in float (the tests feed each
+layer its own input for that); docs/benchmarks.md has the measurements.
+
+TensorRT places the quantization of outputs itself; onnxruntime's CPU provider fuses a
+conv into ``QLinearConv`` only with a ``QuantizeLinear`` on its output, so it runs this
+graph in float on the dequantized values, slower than the float graph
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import jax
@@ -49,6 +82,12 @@ DEFAULT_OPSET = 17
 # Conv, Relu, Sigmoid, Mul, GlobalAveragePool, Flatten and Gemm all have their present
 # semantics from opset 11 on (later versions only add types, e.g. bfloat16).
 MIN_OPSET = 11
+# DequantizeLinear with one scale per output channel (its axis attribute) is opset 13's.
+MIN_INT8_OPSET = 13
+# The bar of a QDQ graph against the JAX int8 model it writes (relative L2 of the
+# outputs): one-step rounding flips cascade to up to ~2.5% (see the module docstring and
+# docs/benchmarks.md), the float graph is 6.5% and more away.
+INT8_TOLERANCE = 4e-2
 
 
 class OnnxVerificationError(ValueError):
@@ -110,8 +149,35 @@ def check_deploy_variables(model_name: str, deploy_variables: Any,
   return num_classes
 
 
+def _check_int8_layers(model_name: str, params: Mapping,
+                       int8_layers: Mapping[str, Mapping[str, Any]]) -> None:
+  """Raise a one-line ValueError unless every entry of ``int8_layers`` is an int8 layer
+  (``quantization.int8_layers``'s tensors) of a conv or linear layer of ``params``."""
+  leaves = traverse_util.flatten_dict(dict(params), sep='/')
+  for path, layer in int8_layers.items():
+    if f'{path}/kernel' not in leaves:
+      raise ValueError(f'int8 layer {path!r} is no conv or linear layer of {model_name} '
+                       "(module paths as quantization.int8_layers gives them: "
+                       "'stage1_0/reparam_conv', 'linear', ...)")
+    kernel_shape = np.shape(leaves[f'{path}/kernel'])
+    expected = {'kernel': kernel_shape, 'kernel_scale': kernel_shape[-1:], 'input_scale': (),
+                'bias': kernel_shape[-1:]}
+    if not isinstance(layer, Mapping) or set(layer) != set(expected):
+      got = sorted(layer) if isinstance(layer, Mapping) else type(layer).__name__
+      raise ValueError(f'int8 layer {path!r}: expected the tensors {sorted(expected)} of '
+                       f'quantization.int8_layers, got {got}')
+    for key, shape in expected.items():
+      if np.shape(layer[key]) != shape:
+        raise ValueError(f'int8 layer {path!r}: {key} has shape {np.shape(layer[key])}, '
+                         f'expected {shape}')
+    if np.asarray(layer['kernel']).dtype != np.int8:
+      raise ValueError(f"int8 layer {path!r}: kernel has dtype "
+                       f"{np.asarray(layer['kernel']).dtype}, expected int8")
+
+
 def to_onnx(model_name: str, deploy_variables: Any, num_classes: Optional[int] = None,
-            channels: int = 3, opset: int = DEFAULT_OPSET) -> bytes:
+            channels: int = 3, opset: int = DEFAULT_OPSET,
+            int8_layers: Optional[Mapping[str, Mapping[str, Any]]] = None) -> bytes:
   """The deploy model ``model_name`` with ``deploy_variables`` as a serialized ONNX model:
   the bytes of a ``.onnx`` file, checked by ``onnx.checker`` (with shape inference).
 
@@ -125,39 +191,70 @@ def to_onnx(model_name: str, deploy_variables: Any, num_classes: Optional[int] =
       ``rv.reparameterize``.
     num_classes: classifier outputs; None infers them from ``params/linear`` (0 without).
     channels: input channels of the images.
-    opset: ONNX default-domain opset, from 11 to the newest the installed onnx knows.
+    opset: ONNX default-domain opset, from 11 to the newest the installed onnx knows
+      (from 13 with ``int8_layers``).
+    int8_layers: ``quantization.int8_layers(int8_vars)``: these layers (module paths,
+      ``'stage1_0/reparam_conv'``, ``'stage1_0/se/down'``, ``'linear'``) are written in QDQ
+      form (see the module docstring), the others in float; ``deploy_variables`` are the
+      float deploy variables that were quantized. None: the float model.
 
   Raises:
-    ValueError: an unknown model or opset, or a tree that is not the deploy tree of the
-      model (training-time, Winograd-transformed, other blocks or shapes).
+    ValueError: an unknown model or opset, a tree that is not the deploy tree of the
+      model (training-time, Winograd-transformed, other blocks or shapes), or int8 layers
+      that are not the model's.
   """
   onnx = _import_onnx()
   from onnx import TensorProto, helper
   newest = onnx.defs.onnx_opset_version()
-  if not MIN_OPSET <= opset <= newest:
-    raise ValueError(f'opset {opset} not supported: accepted {MIN_OPSET} to {newest}')
+  lowest = MIN_INT8_OPSET if int8_layers else MIN_OPSET
+  if not lowest <= opset <= newest:
+    raise ValueError(f'opset {opset} not supported: accepted {lowest} to {newest}'
+                     + (' (per-channel DequantizeLinear of int8 layers)' if int8_layers else ''))
   variant = get_variant(model_name)
   num_classes = check_deploy_variables(model_name, deploy_variables, num_classes, channels)
   params = deploy_variables['params']
+  int8_layers = int8_layers or {}
+  _check_int8_layers(model_name, params, int8_layers)
   nodes, weights = [], {}
 
-  def weight(name: str, array: Any) -> str:
-    weights[name] = np.asarray(array, '<f4')  # ONNX raw_data is little-endian float32.
+  def weight(name: str, array: Any, dtype: str = '<f4') -> str:
+    weights[name] = np.asarray(array, dtype)  # ONNX raw_data is little-endian.
     return name
 
   def node(op: str, inputs: list[str], output: str, **attributes: Any) -> str:
     nodes.append(helper.make_node(op, inputs, [output], name=output, **attributes))
     return output
 
+  def layer(op: str, path: str, name: str, x: str, kernel: Any, bias: Any,
+            layout: Callable[[Any], np.ndarray], out_axis: int, output: Optional[str] = None,
+            **attributes: Any) -> str:
+    """``op`` (Conv or Gemm) of ``x`` with the Flax ``kernel`` (``layout`` gives ONNX's,
+    whose output channels are on ``out_axis``) and ``bias``, its tensors named
+    ``name.*``, its output ``output`` (default ``name``); the int8 layer's instead, in
+    QDQ form, if ``path`` is one."""
+    output = output or name
+    int8 = int8_layers.get(path)
+    if int8 is None:
+      return node(op, [x, weight(f'{name}.weight', layout(kernel)),
+                       weight(f'{name}.bias', bias)], output, **attributes)
+    zero = weight('int8.zero_point', 0, 'i1')  # the int8 type of QuantizeLinear's output
+    scale = weight(f'{name}.input_scale', int8['input_scale'])
+    x = node('QuantizeLinear', [x, scale, zero], f'{name}.input_quantized')
+    x = node('DequantizeLinear', [x, scale, zero], f'{name}.input_dequantized')
+    # Per-axis DequantizeLinear takes no scalar zero point: 0 is its default.
+    w = node('DequantizeLinear', [weight(f'{name}.weight', layout(int8['kernel']), 'i1'),
+                                  weight(f'{name}.weight_scale', int8['kernel_scale'])],
+             f'{name}.weight_dequantized', axis=out_axis)
+    return node(op, [x, w, weight(f'{name}.bias', int8['bias'])], output, **attributes)
+
   def squeeze_excite(x: str, block: str, se: Mapping) -> str:
     # Dense on the spatial mean == 1x1 conv on the globally pooled map, weight (out, in).
     s = node('GlobalAveragePool', [x], f'{block}.se.pool')
-    for layer, activation in (('down', 'Relu'), ('up', 'Sigmoid')):
-      kernel = np.asarray(se[layer]['kernel']).T[:, :, None, None]
-      s = node('Conv', [s, weight(f'{block}.se.{layer}.weight', kernel),
-                        weight(f'{block}.se.{layer}.bias', se[layer]['bias'])],
-               f'{block}.se.{layer}', kernel_shape=[1, 1])
-      s = node(activation, [s], f'{block}.se.{layer}.{activation.lower()}')
+    for dense, activation in (('down', 'Relu'), ('up', 'Sigmoid')):
+      s = layer('Conv', f'{block}/se/{dense}', f'{block}.se.{dense}', s,
+                se[dense]['kernel'], se[dense]['bias'],
+                lambda kernel: np.asarray(kernel).T[:, :, None, None], 0, kernel_shape=[1, 1])
+      s = node(activation, [s], f'{block}.se.{dense}.{activation.lower()}')
     return node('Mul', [x, s], f'{block}.se')
 
   x = 'images'
@@ -165,11 +262,10 @@ def to_onnx(model_name: str, deploy_variables: Any, num_classes: Optional[int] =
     block = spec.module_name
     conv = params[block]['reparam_conv']
     # Flax's HWIO kernel -> ONNX's OIHW; both group the output channels the same way.
-    kernel = np.transpose(np.asarray(conv['kernel']), (3, 2, 0, 1))
-    x = node('Conv', [x, weight(f'{block}.conv.weight', kernel),
-                      weight(f'{block}.conv.bias', conv['bias'])],
-             f'{block}.conv', kernel_shape=[3, 3], pads=[1, 1, 1, 1],
-             strides=[spec.strides, spec.strides], group=spec.groups)
+    x = layer('Conv', f'{block}/reparam_conv', f'{block}.conv', x, conv['kernel'],
+              conv['bias'], lambda kernel: np.transpose(np.asarray(kernel), (3, 2, 0, 1)), 0,
+              kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[spec.strides, spec.strides],
+              group=spec.groups)
     if variant.se == 'pre':
       x = squeeze_excite(x, block, params[block]['se'])
     x = node('Relu', [x], f'{block}.relu')
@@ -180,11 +276,11 @@ def to_onnx(model_name: str, deploy_variables: Any, num_classes: Optional[int] =
   x = node('Flatten', [x], 'flatten' if num_classes else output, axis=1)
   if num_classes:
     linear = params['linear']
-    node('Gemm', [x, weight('linear.weight', linear['kernel']),
-                  weight('linear.bias', linear['bias'])], output)
+    layer('Gemm', 'linear', 'linear', x, linear['kernel'], linear['bias'], np.asarray, 1,
+          output)
 
   graph = helper.make_graph(
-      nodes, f'{model_name} deploy',
+      nodes, f'{model_name} deploy' + (' int8 QDQ' if int8_layers else ''),
       inputs=[helper.make_tensor_value_info(
           'images', TensorProto.FLOAT, ['batch', channels, 'height', 'width'])],
       outputs=[helper.make_tensor_value_info(
@@ -199,7 +295,8 @@ def to_onnx(model_name: str, deploy_variables: Any, num_classes: Optional[int] =
   # seconds for the larger variants.
   for name, array in weights.items():
     tensor = model.graph.initializer.add()
-    tensor.name, tensor.data_type, tensor.raw_data = name, TensorProto.FLOAT, array.tobytes()
+    tensor.name, tensor.raw_data = name, array.tobytes()
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
     tensor.dims.extend(array.shape)
   serialized = model.SerializeToString()
   onnx.checker.check_model(serialized, full_check=True)
@@ -209,10 +306,17 @@ def to_onnx(model_name: str, deploy_variables: Any, num_classes: Optional[int] =
 def verify_onnx(model: Union[bytes, onnx.ModelProto], model_name: str,
                 deploy_variables: Any, image_size: Union[int, tuple[int, int]],
                 channels: int = 3, batch_sizes: Sequence[int] = (1, 3),
-                tolerance: float = TOLERANCE, seed: int = 0) -> float:
+                tolerance: float = TOLERANCE, seed: int = 0,
+                reference: Optional[Callable[[np.ndarray], Any]] = None) -> float:
   """Worst relative L2 error, over ``batch_sizes``, of the ONNX model run by onnxruntime
-  (CPUExecutionProvider) against the JAX deploy model (float32, precision 'highest') on
-  the same random normal images of ``image_size`` (``size`` or ``(height, width)``).
+  (CPUExecutionProvider) against ``reference`` on the same random normal images of
+  ``image_size`` (``size`` or ``(height, width)``).
+
+  ``reference`` maps NHWC float32 images to the outputs the ONNX model must give; None is
+  the float JAX deploy model with ``deploy_variables`` (precision 'highest'). For a QDQ
+  graph, the JAX int8 model with ``INT8_TOLERANCE``::
+
+    reference=lambda x: quantization.quantized_model(deploy).apply(int8_vars, x)
 
   Raises:
     OnnxVerificationError: the error exceeds ``tolerance`` or the output has another
@@ -227,10 +331,14 @@ def verify_onnx(model: Union[bytes, onnx.ModelProto], model_name: str,
   height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
   images = np.random.default_rng(seed).standard_normal(
       (max(batch_sizes), height, width, channels), np.float32)
+  against = 'the reference'
+  if reference is None:
+    against = 'the JAX deploy model'
+    reference = functools.partial(exact_forward(model_name, num_classes, deploy=True),
+                                  deploy_variables)
   # Images are independent in the deploy model: one JAX run (one compile) on the largest
   # batch is the reference for every batch size's leading images.
-  forward = exact_forward(model_name, num_classes, deploy=True)
-  reference = np.asarray(forward(deploy_variables, images))
+  expected = np.asarray(reference(images))
   serialized = model if isinstance(model, bytes) else model.SerializeToString()
   session = ort.InferenceSession(serialized, providers=['CPUExecutionProvider'])
   input_name = session.get_inputs()[0].name
@@ -238,14 +346,14 @@ def verify_onnx(model: Union[bytes, onnx.ModelProto], model_name: str,
   for batch in batch_sizes:
     nchw = np.ascontiguousarray(images[:batch].transpose(0, 3, 1, 2))
     output, = session.run(None, {input_name: nchw})
-    if output.shape != reference[:batch].shape:
+    if output.shape != expected[:batch].shape:
       raise OnnxVerificationError(
-          f'ONNX output has shape {output.shape} at batch {batch}, the JAX deploy model '
-          f'{reference[:batch].shape}')
-    worst = max(worst, relative_error(output, reference[:batch]))
+          f'ONNX output has shape {output.shape} at batch {batch}, {against} '
+          f'{expected[:batch].shape}')
+    worst = max(worst, relative_error(output, expected[:batch]))
   if worst > tolerance:
     raise OnnxVerificationError(
-        f'ONNX output of {model_name} differs from the JAX deploy model by {worst:.3g} '
+        f'ONNX output of {model_name} differs from {against} by {worst:.3g} '
         f'(relative L2, worst of batch sizes {tuple(batch_sizes)}), above the tolerance '
         f'{tolerance:.3g}')
   return worst

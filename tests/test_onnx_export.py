@@ -1,8 +1,12 @@
-"""ONNX export of the deploy model: onnxruntime reproduces JAX, wrong trees are refused."""
+"""ONNX export of the deploy model: onnxruntime reproduces JAX, wrong trees are refused;
+the int8 model's QDQ graph reproduces qwix's."""
 
+import collections
 import contextlib
 import copy
+import functools
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +15,7 @@ import pytest
 
 import repvgg_jax as rv
 from repvgg_jax import onnx_export
-from repvgg_jax.equivalence import random_variables
+from repvgg_jax.equivalence import random_variables, relative_error
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
@@ -187,6 +191,150 @@ def test_a_missing_package_is_named_with_its_install_command(variables, monkeypa
   monkeypatch.setitem(sys.modules, 'onnxruntime', None)
   with pytest.raises(ImportError, match=install.format('onnxruntime')):
     onnx_export.verify_onnx(b'', 'RepVGG-A0', deploy_vars, (HEIGHT, WIDTH))
+
+
+@pytest.fixture(scope='module')
+def int8_a0(variables):
+  """RepVGG-A0's deploy variables, ``int8_layers`` of its int8 model with every layer in
+  int8 (``keep_float=()``: the Gemm and the stem, whose input, the image, is signed, too),
+  and that model's jitted JAX ``forward`` and ``layer_inputs`` of images. The ranges are
+  half the maxima calibrated on two images, so that the test images exceed them: both
+  saturate, to [-128, 127]."""
+  quantization = pytest.importorskip('repvgg_jax.quantization')  # needs qwix
+  _, deploy_vars = variables('RepVGG-A0')
+  model = rv.create_model('RepVGG-A0', NUM_CLASSES, deploy=True)
+  images = np.random.default_rng(1).standard_normal((2, HEIGHT, WIDTH, 3), np.float32)
+  ranges = quantization.calibrate(model, deploy_vars, [images])
+  int8_vars = quantization.quantize(model, deploy_vars, {k: r / 2 for k, r in ranges.items()},
+                                    keep_float=())
+  int8_model = quantization.quantized_model(model, keep_float=())
+  inputs = jax.jit(lambda v, x: quantization.layer_inputs(int8_model, v, x))
+  return types.SimpleNamespace(
+      deploy_vars=deploy_vars, layers=quantization.int8_layers(int8_vars),
+      forward=functools.partial(jax.jit(int8_model.apply), int8_vars),
+      layer_inputs=functools.partial(inputs, int8_vars))
+
+
+def onnx_name(path: str) -> str:
+  """The ONNX name of a layer's tensors: 'stage1_0/reparam_conv' -> 'stage1_0.conv'."""
+  return path.replace('/reparam_conv', '.conv').replace('/', '.')
+
+
+def test_qdq_graph_reproduces_the_jax_int8_model(int8_a0):
+  serialized = onnx_export.to_onnx('RepVGG-A0', int8_a0.deploy_vars, int8_layers=int8_a0.layers)
+  error = onnx_export.verify_onnx(serialized, 'RepVGG-A0', int8_a0.deploy_vars, (HEIGHT, WIDTH),
+                                  reference=int8_a0.forward,
+                                  tolerance=onnx_export.INT8_TOLERANCE)
+  assert error <= onnx_export.INT8_TOLERANCE
+  # The bar tells the int8 model from the float one.
+  with pytest.raises(onnx_export.OnnxVerificationError, match='differs from the reference'):
+    onnx_export.verify_onnx(onnx_export.to_onnx('RepVGG-A0', int8_a0.deploy_vars), 'RepVGG-A0',
+                            int8_a0.deploy_vars, (HEIGHT, WIDTH), reference=int8_a0.forward,
+                            tolerance=onnx_export.INT8_TOLERANCE)
+
+
+def cut_at_int8_inputs(serialized: bytes) -> tuple[bytes, dict[str, str]]:
+  """The QDQ graph with each QuantizeLinear fed by a new graph input ``<tensor>.given``
+  instead of ``<tensor>`` (but the images), which becomes an output; and, by the ONNX name
+  of each int8 layer, its input tensor's name."""
+  model = onnx.load_from_string(serialized)
+  tensors = {}
+  for node in model.graph.node:
+    if node.op_type == 'QuantizeLinear':
+      tensor = tensors[node.name[:-len('.input_quantized')]] = node.input[0]
+      if tensor != 'images':
+        node.input[0] = f'{tensor}.given'
+        model.graph.input.append(onnx.helper.make_tensor_value_info(
+            node.input[0], onnx.TensorProto.FLOAT, None))
+        model.graph.output.append(onnx.helper.make_tensor_value_info(
+            tensor, onnx.TensorProto.FLOAT, None))
+  return model.SerializeToString(), tensors
+
+
+@pytest.mark.parametrize('left_float', [None, 'stage3_5/reparam_conv'])
+def test_each_qdq_layer_reproduces_the_jax_int8_layer_on_its_input(int8_a0, left_float):
+  """Each int8 layer of the graph is fed the input it has in the JAX int8 model (a cut
+  graph), so that one layer's error shows: in the whole graph, the rounding flips of the
+  earlier layers' inputs (float32 sums, and XLA:CPU multiplying by the scale's reciprocal
+  where QuantizeLinear divides) cascade into ~1% of the logits, as much as one layer left
+  in float. Each layer then differs by float32 rounding (~5e-7); one rounding flip of one
+  input moves a layer's output by ~1e-4 (measured on RepVGG-A0 at 224x224), one layer left
+  in float by several percent."""
+  layers = {k: v for k, v in int8_a0.layers.items() if k != left_float}
+  serialized, tensors = cut_at_int8_inputs(
+      onnx_export.to_onnx('RepVGG-A0', int8_a0.deploy_vars, int8_layers=layers))
+  session = ort.InferenceSession(serialized, providers=['CPUExecutionProvider'])
+  images = np.random.default_rng(0).standard_normal((3, HEIGHT, WIDTH, 3), np.float32)
+  # NHWC -> NCHW; the classifier's input is [batch, features] in both.
+  inputs = {onnx_name(k): np.asarray(v).transpose(0, 3, 1, 2) if np.ndim(v) == 4 else
+            np.asarray(v) for k, v in int8_a0.layer_inputs(images).items()}
+  feeds = {f'{tensors[k]}.given': np.ascontiguousarray(x) for k, x in inputs.items()
+           if k in tensors and tensors[k] != 'images'}
+  output_names = [o.name for o in session.get_outputs()]
+  outputs = dict(zip(output_names, session.run(
+      None, {'images': np.ascontiguousarray(images.transpose(0, 3, 1, 2)), **feeds})))
+  # The input of each int8 layer, from the layer before it; the logits, from the Gemm.
+  errors = {k: relative_error(outputs[tensors[k]], inputs[k]) for k in tensors
+            if tensors[k] != 'images'}
+  errors['logits'] = relative_error(outputs['logits'], int8_a0.forward(images))
+  if left_float is None:
+    assert max(errors.values()) <= 1e-3, errors
+  else:
+    assert errors['stage3_6.conv'] > 1e-2
+
+
+def test_qdq_graph_quantizes_exactly_the_int8_layers(int8_a0):
+  """The default keep_float: the stem and the classifier stay float."""
+  deploy_vars = int8_a0.deploy_vars
+  layers = {k: v for k, v in int8_a0.layers.items()
+            if k.split('/')[0] not in ('stage0', 'linear')}
+  model = onnx.load_from_string(
+      onnx_export.to_onnx('RepVGG-A0', deploy_vars, int8_layers=layers))
+  assert model.opset_import[0].version == 17
+  producer = {n.output[0]: n for n in model.graph.node}
+  initializer = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+  int8_names = {onnx_name(path) for path in layers}
+  layer_nodes = [n for n in model.graph.node if n.op_type in ('Conv', 'Gemm')]
+  assert len(layer_nodes) == len(layers) + 2
+  for node in layer_nodes:
+    name = node.input[2][:-len('.bias')]  # stage1_0.conv, linear
+    x, weight = producer.get(node.input[0]), producer.get(node.input[1])
+    if name not in int8_names:
+      assert name in ('stage0.conv', 'linear') and weight is None
+      assert initializer[node.input[1]].dtype == np.float32
+      continue
+    assert x.op_type == 'DequantizeLinear' and producer[x.input[0]].op_type == 'QuantizeLinear'
+    assert producer[x.input[0]].input[1:] == x.input[1:] == [f'{name}.input_scale',
+                                                             'int8.zero_point']
+    assert weight.op_type == 'DequantizeLinear' and weight.input[1] == f'{name}.weight_scale'
+    assert [(a.name, a.i) for a in weight.attribute] == [('axis', 0)]
+    assert initializer[weight.input[0]].dtype == np.int8
+    assert initializer[node.input[2]].dtype == np.float32
+  counts = collections.Counter(n.op_type for n in model.graph.node)
+  assert counts['QuantizeLinear'] == len(layers) and counts['DequantizeLinear'] == 2 * len(layers)
+  assert initializer['int8.zero_point'].dtype == np.int8 and initializer['int8.zero_point'] == 0
+  # Flax's HWIO int8 kernel in ONNX's OIHW, its scales and the input's as they are.
+  layer = layers['stage2_1/reparam_conv']
+  np.testing.assert_array_equal(initializer['stage2_1.conv.weight'],
+                                layer['kernel'].transpose(3, 2, 0, 1))
+  np.testing.assert_array_equal(initializer['stage2_1.conv.weight_scale'], layer['kernel_scale'])
+  assert initializer['stage2_1.conv.input_scale'] == layer['input_scale']
+
+
+def test_int8_layers_of_another_model_or_opset_11_are_refused(int8_a0):
+  deploy_vars, layers = int8_a0.deploy_vars, int8_a0.layers
+  assert 'accepted 13 to' in refusal('RepVGG-A0', deploy_vars, opset=11, int8_layers=layers)
+  stem = layers['stage0/reparam_conv']
+  for wrong, expected in [
+      ({'stage9_0/reparam_conv': stem},
+       "int8 layer 'stage9_0/reparam_conv' is no conv or linear layer of RepVGG-A0"),
+      ({'stage1_0/reparam_conv': stem}, "int8 layer 'stage1_0/reparam_conv': kernel has shape "
+                                        '(3, 3, 3, 48), expected (3, 3, 48, 48)'),
+      ({'stage0/reparam_conv': {**stem, 'kernel': stem['kernel'].astype(np.float32)}},
+       'kernel has dtype float32, expected int8'),
+      ({'stage0/reparam_conv': {'kernel': stem['kernel']}}, 'expected the tensors'),
+  ]:
+    assert expected in refusal('RepVGG-A0', deploy_vars, int8_layers=wrong)
 
 
 # Last, so that the A0 variables drawn for the tests above serve its first case and the
