@@ -41,6 +41,8 @@ from repvgg_jax.variants import get_variant
 EXPORT_FILE = 'model.jax_export'
 ONNX_FILE = 'model.onnx'
 EXPORT_FORMATS = ('stablehlo', 'onnx')
+# Calibration images an int8 ONNX export is checked on (at batch sizes 1 and 3).
+VERIFY_IMAGES = 3
 # Platforms lowered into the export by default: one artifact for all of them.
 EXPORT_PLATFORMS = ('cpu', 'cuda', 'tpu')
 KNOWN_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
@@ -117,9 +119,10 @@ def export_deploy(model: str, num_classes: int, deploy_variables: Any, image_siz
 
 
 def quantize_deploy(run: Mapping[str, Any], deploy_variables: Any, options: Int8Options,
-                    log: Any = print) -> dict[str, Any]:
+                    log: Any = print) -> tuple[dict[str, Any], np.ndarray]:
   """Calibrate and verify the int8 model of a run's deploy variables (see the module
-  docstring); returns ``model.json``'s ``int8`` entry.
+  docstring); returns ``model.json``'s ``int8`` entry and the first calibration images
+  (for checking exports: the int8 model wants images like those it was calibrated on).
 
   Raises:
     calibration.CalibrationDataError: the data cannot be read or does not fit the model.
@@ -164,7 +167,7 @@ def quantize_deploy(run: Mapping[str, Any], deploy_variables: Any, options: Int8
         f'below --min-agreement {options.min_agreement:.2%}; nothing written (QARepVGG '
         "blocks, config.block='qarepvgg', quantize far better; or try another "
         '--calibration-method)')
-  return entry
+  return entry, np.asarray(images[0][:VERIFY_IMAGES])
 
 
 def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
@@ -204,8 +207,6 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
     raise ValueError(f'unknown export format {unknown[0]!r}; accepted: '
                      f'{", ".join(EXPORT_FORMATS)}')
   convolution.check_conv_impl(conv_impl, deploy=True)
-  if int8 is not None and 'onnx' in exports:
-    raise ValueError('ONNX export of the int8 model: not yet')
   if int8 is not None and conv_impl != 'xla':
     raise ValueError(f'the int8 model computes with XLA\'s (integer) convolutions: '
                      f'conv_impl {conv_impl!r} does not apply to it; use xla')
@@ -246,8 +247,9 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
   metadata = checkpoint.model_metadata(
       run_model, num_classes, image_size, mean, std, structure='deploy',
       source=os.path.abspath(workdir), step=int(step), conversion_relative_error=error)
+  int8_images = None
   if int8 is not None:
-    metadata['int8'] = quantize_deploy(run, deploy_variables, int8, log)
+    metadata['int8'], int8_images = quantize_deploy(run, deploy_variables, int8, log)
   files = {}
   if 'stablehlo' in exports:
     serialized = export_deploy(run_model, num_classes, checked, image_size, conv_impl,
@@ -260,21 +262,55 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
     log(f'exported {len(serialized) / 2**20:.1f} MiB (stablehlo, '
         f'{"int8" if int8 is not None else conv_impl}, symbolic batch)')
   if 'onnx' in exports:
-    files[ONNX_FILE] = onnx_export.to_onnx(run_model, deploy_variables, num_classes, channels)
-    try:
-      onnx_error = onnx_export.verify_onnx(files[ONNX_FILE], run_model, deploy_variables,
-                                           image_size, channels)
-    except onnx_export.OnnxVerificationError as e:
-      raise ConversionError(f'{e}; nothing written') from None
+    files[ONNX_FILE], onnx_error = _onnx(run_model, deploy_variables, num_classes,
+                                         image_size, channels, metadata.get('int8'),
+                                         int8_images)
     metadata['onnx'] = {'file': ONNX_FILE, 'opset': onnx_export.DEFAULT_OPSET,
                         'input': ['batch', channels, 'height', 'width'],
-                        'relative_error': onnx_error}
+                        'relative_error': onnx_error, 'int8': int8 is not None}
     log(f'exported {len(files[ONNX_FILE]) / 2**20:.1f} MiB (onnx, opset '
-        f'{onnx_export.DEFAULT_OPSET}, NCHW); onnxruntime vs JAX: relative error '
-        f'{onnx_error:.2e}')
+        f'{onnx_export.DEFAULT_OPSET}, NCHW{", int8 QDQ" if int8 is not None else ""}); '
+        f'onnxruntime vs JAX: relative error {onnx_error:.2e}')
   checkpoint.save_variables(output, deploy_variables, metadata, overwrite, files)
   log(f'wrote {output}')
   return metadata
+
+
+def _onnx(model: str, deploy_variables: Any, num_classes: int, image_size: int,
+          channels: int, int8: Optional[Mapping[str, Any]],
+          int8_images: Optional[np.ndarray]) -> tuple[bytes, float]:
+  """The ONNX graph of the deploy model (of its int8 model in QDQ form where ``int8``,
+  ``model.json``'s calibration, is given) and its relative error against JAX in
+  onnxruntime; ``ConversionError`` beyond the bar.
+
+  The float graph's bar is ``TOLERANCE``. The QDQ graph is compared with the JAX int8
+  model on ``int8_images`` (calibration images: on random ones its activations span a
+  few int8 steps): one-step rounding flips (onnxruntime and XLA round a few products
+  differently) cascade through the layers, up to ~2.5% on trained models and more on
+  random ones, so its bar is ``onnx_export.INT8_TOLERANCE`` or, where larger, half the
+  int8 model's own distance from the float model on those images: a graph that is not
+  the int8 model (a wrong scale, layout or layer) lands near the float model or
+  farther. ``tests/test_onnx_export.py`` checks every QDQ layer to ~1e-6 on its own.
+  """
+  int8_layers, reference, tolerance = None, None, TOLERANCE
+  if int8 is not None:
+    net = create_model(model, num_classes, deploy=True)
+    int8_net, int8_variables = quantization.int8_model(net, deploy_variables, int8)
+    int8_layers = quantization.int8_layers(int8_variables)
+    reference = calibration.predictor(int8_net.apply, int8_variables)
+    int8_distance = relative_error(reference(int8_images),
+                                   calibration.predictor(net.apply, deploy_variables)(
+                                       int8_images))
+    tolerance = max(onnx_export.INT8_TOLERANCE, int8_distance / 2)
+  serialized = onnx_export.to_onnx(model, deploy_variables, num_classes, channels,
+                                   int8_layers=int8_layers)
+  try:
+    error = onnx_export.verify_onnx(serialized, model, deploy_variables, image_size, channels,
+                                    tolerance=tolerance, reference=reference,
+                                    images=int8_images)
+  except onnx_export.OnnxVerificationError as e:
+    raise ConversionError(f'{e}; nothing written') from None
+  return serialized, error
 
 
 def load_deploy(directory: str, conv_impl: str = 'auto', dtype: Any = jnp.float32,

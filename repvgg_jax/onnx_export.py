@@ -307,10 +307,14 @@ def verify_onnx(model: Union[bytes, onnx.ModelProto], model_name: str,
                 deploy_variables: Any, image_size: Union[int, tuple[int, int]],
                 channels: int = 3, batch_sizes: Sequence[int] = (1, 3),
                 tolerance: float = TOLERANCE, seed: int = 0,
-                reference: Optional[Callable[[np.ndarray], Any]] = None) -> float:
+                reference: Optional[Callable[[np.ndarray], Any]] = None,
+                images: Optional[np.ndarray] = None) -> float:
   """Worst relative L2 error, over ``batch_sizes``, of the ONNX model run by onnxruntime
   (CPUExecutionProvider) against ``reference`` on the same random normal images of
-  ``image_size`` (``size`` or ``(height, width)``).
+  ``image_size`` (``size`` or ``(height, width)``), or on the leading ones of ``images``
+  (NHWC float32, normalized). An int8 model wants real images: its input ranges were
+  calibrated on them, and on random normal ones its activations span a few int8 steps,
+  where a one-step rounding flip is a large error.
 
   ``reference`` maps NHWC float32 images to the outputs the ONNX model must give; None is
   the float JAX deploy model with ``deploy_variables`` (precision 'highest'). For a QDQ
@@ -329,8 +333,12 @@ def verify_onnx(model: Union[bytes, onnx.ModelProto], model_name: str,
     raise ValueError(f'batch_sizes must be positive integers, got {tuple(batch_sizes)}')
   num_classes = check_deploy_variables(model_name, deploy_variables, None, channels)
   height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-  images = np.random.default_rng(seed).standard_normal(
-      (max(batch_sizes), height, width, channels), np.float32)
+  if images is None:
+    images = np.random.default_rng(seed).standard_normal(
+        (max(batch_sizes), height, width, channels), np.float32)
+  elif len(images) < max(batch_sizes):
+    raise ValueError(f'verify_onnx needs {max(batch_sizes)} images, got {len(images)}')
+  images = np.asarray(images[:max(batch_sizes)], np.float32)
   against = 'the reference'
   if reference is None:
     against = 'the JAX deploy model'

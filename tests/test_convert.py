@@ -1,5 +1,6 @@
 """convert.py: verified deploy checkpoints, jax.export artifacts, PyTorch in and out."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import onnx
 import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
@@ -15,7 +17,7 @@ import convert
 import evaluate
 import repvgg_jax as rv
 from repvgg_jax.equivalence import random_variables, relative_error
-from repvgg_jax import checkpoint, conversion, equivalence, quantization
+from repvgg_jax import calibration, checkpoint, conversion, equivalence, quantization
 
 # Grey images, as Fashion-MNIST's: the channel count comes from the normalization.
 MODEL, CLASSES, SIZE, CHANNELS = 'RepVGG-A0', 10, 32, 1
@@ -252,12 +254,13 @@ INT8_ARGS = ['--quantize', 'int8', '--calibration-batches', '1']
 
 @pytest.fixture(scope='module')
 def int8_converted(run, grey_folder, tmp_path_factory):
-  """convert.py deploy --quantize int8 --export stablehlo of the latest checkpoint,
-  calibrated and verified on a tiny grey image folder."""
+  """convert.py deploy --quantize int8 --export stablehlo(,onnx where onnxruntime is
+  installed) of the latest checkpoint, calibrated and verified on a tiny grey folder."""
   workdir, _ = run
   output = str(tmp_path_factory.mktemp('int8') / 'deploy')
+  exports = 'stablehlo' + (',onnx' if importlib.util.find_spec('onnxruntime') else '')
   assert convert.main(['deploy', '--workdir', workdir, '--output', output, *INT8_ARGS,
-                       '--calibration-dataset', grey_folder, '--export', 'stablehlo',
+                       '--calibration-dataset', grey_folder, '--export', exports,
                        '--platforms', 'cpu']) == 0
   return output
 
@@ -291,6 +294,27 @@ def test_int8_checkpoint_loads_and_exports_as_the_int8_model(int8_converted):
   with open(os.path.join(int8_converted, conversion.EXPORT_FILE), 'rb') as f:
     exported = jax.export.deserialize(f.read())
   assert relative_error(exported.call(x), expected) < 1e-6
+
+
+def test_int8_onnx_export_is_the_qdq_graph_of_the_int8_model(int8_converted, run,
+                                                            grey_folder):
+  ort = pytest.importorskip('onnxruntime')
+  variables, metadata = checkpoint.load_variables(int8_converted)
+  assert metadata['onnx']['int8']
+  path = os.path.join(int8_converted, conversion.ONNX_FILE)
+  ops = [node.op_type for node in onnx.load(path).graph.node]
+  assert ops.count('QuantizeLinear') == 21  # the input of every int8 layer (A0: 21 convs)
+  net = rv.create_model(MODEL, CLASSES, deploy=True)
+  int8_net, int8_variables = quantization.int8_model(net, variables, metadata['int8'])
+  # Images like the calibration's: on random ones the activations span a few int8 steps.
+  run_json = checkpoint.read_json(os.path.join(run[0], checkpoint.RUN_METADATA))
+  x = calibration.RunData.of_run(run_json, grey_folder).calibration_images(1)[0][:4]
+  out, = ort.InferenceSession(path, providers=['CPUExecutionProvider']).run(
+      None, {'images': x.transpose(0, 3, 1, 2)})
+  # Nearer the int8 model than the float model is (rounding flips cascade: see
+  # conversion._onnx).
+  int8_out = int8_net.apply(int8_variables, x)
+  assert relative_error(out, int8_out) < relative_error(net.apply(variables, x), int8_out) / 2
 
 
 def test_evaluate_runs_an_int8_directory_as_its_int8_model(int8_converted, grey_folder,
