@@ -291,6 +291,24 @@ def torch_candidates(name: str, structures: Sequence[str], batch_size: int,
 ONNX_RUNTIMES = ('onnxruntime', 'openvino')
 
 
+def ort_session_options(threads: Optional[int] = None) -> Any:
+  """onnxruntime's session options for a round-robin timing: ``threads`` intra-op threads
+  (its own choice when None), and those threads sleeping, not spinning, once a run ends.
+
+  By default they spin-wait after every run, on the cores the next candidate of the
+  round needs: on the 2-core VM that made the JAX graph timed after onnxruntime 25%
+  slower (RepVGG-A0, batch 1: 31.8 instead of 25.4 ms) and, beside other load,
+  onnxruntime itself up to 3x slower; without spinning onnxruntime ran as fast as with
+  it alone (14.9-15.5 ms).
+  """
+  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+  options = ort.SessionOptions()
+  if threads:
+    options.intra_op_num_threads = threads
+  options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+  return options
+
+
 def onnx_candidates(name: str, runtimes: Sequence[str], batch_size: int,
                     image_size: int = 224, rotate: int = 3,
                     threads: Optional[int] = None) -> list[Candidate]:
@@ -298,7 +316,8 @@ def onnx_candidates(name: str, runtimes: Sequence[str], batch_size: int,
   ``jax_candidates``'), float32 NCHW, in each of ``runtimes``: onnxruntime's
   CPUExecutionProvider with every graph optimization (the fastest level measured), and
   OpenVINO's CPU plugin at f32 precision (it would pick bfloat16 where the CPU has it).
-  ``threads`` sets both runtimes' intra-op threads. Each output is checked against the
+  ``threads`` sets both runtimes' intra-op threads; onnxruntime's do not spin between
+  runs (``ort_session_options``). Each output is checked against the
   JAX deploy model (``onnx_export.verify_onnx``'s bar) before it is timed; a runtime that
   is not installed is reported and left out."""
   unknown = [r for r in runtimes if r not in ONNX_RUNTIMES]
@@ -320,10 +339,7 @@ def onnx_candidates(name: str, runtimes: Sequence[str], batch_size: int,
     try:
       if runtime == 'onnxruntime':
         import onnxruntime as ort  # pylint: disable=import-outside-toplevel
-        options = ort.SessionOptions()
-        if threads:
-          options.intra_op_num_threads = threads
-        session = ort.InferenceSession(serialized, options,
+        session = ort.InferenceSession(serialized, ort_session_options(threads),
                                        providers=['CPUExecutionProvider'])
         call = lambda i, s=session: s.run(None, {'images': nchw[i % rotate]})[0]
       else:

@@ -37,6 +37,14 @@ def test_measures_both_graphs_and_torch_and_writes_table_json_and_plot(tmp_path,
   assert png_path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+def test_onnxruntime_threads_sleep_between_runs():
+  # Spinning threads would slow whichever candidate the round-robin times next.
+  pytest.importorskip('onnxruntime')
+  options = benchmarking.ort_session_options(threads=2)
+  assert options.intra_op_num_threads == 2
+  assert options.get_session_config_entry('session.intra_op.allow_spinning') == '0'
+
+
 def test_cpu_flag_is_accepted_by_this_jaxlib():
   # XLA aborts on an unknown flag; the child also shows set_cpu_flags runs before jax.
   script = ('import os; from repvgg_jax import xla_backend; assert xla_backend.set_cpu_flags(); '
