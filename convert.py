@@ -8,7 +8,7 @@ jax.export artifact), PyTorch weights -> Flax variables, and Flax -> PyTorch.
   # with the float model on the run's evaluation split:
   python convert.py deploy --workdir runs/a0 --output deploy/a0_int8 --quantize int8 \
       [--calibration-batches 8] [--calibration-method percentile] [--min-agreement 0.98] \
-      [--export stablehlo]
+      [--export stablehlo,onnx]
   # PyTorch state dict (official or timm names, .pth or .safetensors) -> variables:
   python convert.py from-torch RepVGG-A0-train.pth --model RepVGG-A0 --output a0_torch
   # Training run or variables directory -> PyTorch state dict:

@@ -304,6 +304,24 @@ def onnx_structure(runtime: str, exporter: str) -> str:
   return runtime if exporter == 'jax' else f'{runtime} ({exporter} export)'
 
 
+def ort_session_options(threads: Optional[int] = None) -> Any:
+  """onnxruntime's session options for a round-robin timing: ``threads`` intra-op threads
+  (its own choice when None), and those threads sleeping, not spinning, once a run ends.
+
+  By default they spin-wait after every run, on the cores the next candidate of the
+  round needs: on the 2-core VM that made the JAX graph timed after onnxruntime 25%
+  slower (RepVGG-A0, batch 1: 31.8 instead of 25.4 ms) and, beside other load,
+  onnxruntime itself up to 3x slower; without spinning onnxruntime ran as fast as with
+  it alone (14.9-15.5 ms).
+  """
+  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+  options = ort.SessionOptions()
+  if threads:
+    options.intra_op_num_threads = threads
+  options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+  return options
+
+
 def onnx_candidates(name: str, runtimes: Sequence[str], batch_size: int,
                     image_size: int = 224, rotate: int = 3, threads: Optional[int] = None,
                     exporters: Sequence[str] = ('jax',)) -> list[Candidate]:
@@ -368,13 +386,12 @@ def onnx_session(serialized: bytes, runtime: str,
   first output, run by ``runtime`` on the CPU: onnxruntime's CPUExecutionProvider with
   every graph optimization (the fastest level measured), or OpenVINO's CPU plugin at f32
   precision (it would pick bfloat16 where the CPU has it). ``threads`` sets the runtime's
-  intra-op threads. Raises ImportError where the runtime is not installed."""
+  intra-op threads; onnxruntime's do not spin between runs (``ort_session_options``).
+  Raises ImportError where the runtime is not installed."""
   if runtime == 'onnxruntime':
     import onnxruntime as ort  # pylint: disable=import-outside-toplevel
-    options = ort.SessionOptions()
-    if threads:
-      options.intra_op_num_threads = threads
-    session = ort.InferenceSession(serialized, options, providers=['CPUExecutionProvider'])
+    session = ort.InferenceSession(serialized, ort_session_options(threads),
+                                   providers=['CPUExecutionProvider'])
     return lambda x: session.run(None, {'images': x})[0]
   if runtime == 'openvino':
     import openvino as ov  # pylint: disable=import-outside-toplevel

@@ -68,6 +68,14 @@ def test_onnx_exporters_flag():
   assert parse(['--onnx_exporters', 'torch']).onnx_exporters == ['torch']
 
 
+def test_onnxruntime_threads_sleep_between_runs():
+  # Spinning threads would slow whichever candidate the round-robin times next.
+  pytest.importorskip('onnxruntime')
+  options = benchmarking.ort_session_options(threads=2)
+  assert options.intra_op_num_threads == 2
+  assert options.get_session_config_entry('session.intra_op.allow_spinning') == '0'
+
+
 def test_cpu_flag_is_accepted_by_this_jaxlib():
   # XLA aborts on an unknown flag; the child also shows set_cpu_flags runs before jax.
   script = ('import os; from repvgg_jax import xla_backend; assert xla_backend.set_cpu_flags(); '
