@@ -1,8 +1,9 @@
 """Inference speed of RepVGG: training-time vs deploy graph in JAX, PyTorch alongside.
 
   python benchmark.py --models RepVGG-A0,RepVGG-B0 --batch-sizes 1,8,32 --dtype float32 \\
-      --image-size 224 [--torch] [--onnx-runtimes onnxruntime,openvino \\
-      [--onnx-exporters jax,torch]] [--json results.json] [--plot results.png]
+      --image-size 224 [--structures deploy,deploy-winograd4,deploy-int8] [--torch] \\
+      [--onnx-runtimes onnxruntime,openvino [--onnx-exporters jax,torch,int8]] \\
+      [--json results.json] [--plot results.png]
 
 Prints a markdown table (stdout; progress lines on stderr), and writes a JSON list of
 records and a PNG (throughput per batch size; speed against published ImageNet top-1).
@@ -46,8 +47,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
   parser.add_argument('--onnx-exporters', type=cli.choices(benchmarking.ONNX_EXPORTERS),
                       default=['jax'], help='with --onnx-runtimes, where the ONNX graphs come '
                       'from, comma-separated from: jax (this project\'s export), torch (timm\'s '
-                      'reparameterized model exported by torch.onnx; needs torch and timm) '
-                      '(default: jax)')
+                      'reparameterized model exported by torch.onnx; needs torch and timm), '
+                      'int8 (this project\'s QDQ export of the int8 model, the structure '
+                      f'{benchmarking.INT8_STRUCTURE}; rows "<runtime> int8") (default: jax)')
   parser.add_argument('--threads', type=cli.positive_int,
                       help='CPU threads of PyTorch and the ONNX runtimes (default: each '
                       'one\'s own choice)')

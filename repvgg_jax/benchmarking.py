@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import convolution, onnx_export
+from repvgg_jax import convolution, onnx_export, quantization
 from repvgg_jax.equivalence import TOLERANCE, random_variables, relative_error
 from repvgg_jax.models import DTYPES, count_params, create_model, deploy_macs, exact_forward
 from repvgg_jax.reparam import reparameterize
@@ -37,8 +37,14 @@ from repvgg_jax.torch_io import timm_model_name, to_torch_state_dict
 from repvgg_jax.variants import MIN_IMAGE_SIZE, get_variant
 
 # Deploy-time structures of the JAX model: 'deploy' uses XLA's convolution everywhere,
-# 'deploy-winograd2'/'deploy-winograd4' Winograd for the stride-1 3x3 convs.
-JAX_STRUCTURES = ('train', 'deploy', 'deploy-winograd2', 'deploy-winograd4')
+# 'deploy-winograd2'/'deploy-winograd4' Winograd for the stride-1 3x3 convs; 'deploy-int8'
+# is its int8 model (quantization.quantized_model, qwix's int8 convolutions; default
+# keep_float) of the same variables, calibrated on random images (``_int8_variables``).
+INT8_STRUCTURE = 'deploy-int8'
+JAX_STRUCTURES = ('train', 'deploy', 'deploy-winograd2', 'deploy-winograd4', INT8_STRUCTURE)
+# The int8 model's calibration: absmax ranges of the layer inputs on this many batches of
+# two random normal images of the measured size (the inputs it is timed on are such too).
+CALIBRATION_BATCHES = 2
 
 # PyTorch/timm measurements: (structure, reparameterized, channels_last, torch.compile).
 TORCH_VARIANTS = {
@@ -188,6 +194,9 @@ def jax_candidates(name: str, structures: Sequence[str], batch_size: int,
   for structure in structures:
     if structure == 'train':
       model, variables = train_model, train_vars
+    elif structure == INT8_STRUCTURE:
+      model = quantization.quantized_model(create_model(name, deploy=True, dtype=DTYPES[dtype]))
+      variables = _int8_variables(name, image_size)
     else:
       conv_impl = structure.partition('-')[2] or 'xla'
       model = create_model(name, deploy=True, dtype=DTYPES[dtype], conv_impl=conv_impl)
@@ -214,6 +223,20 @@ def _random_states(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
       create_model(name), jax.ShapeDtypeStruct((1, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE, 3),
                                                jnp.float32))
   return train_vars, jax.device_get(reparameterize(train_vars))
+
+
+@functools.lru_cache(maxsize=1)
+def _int8_variables(name: str, image_size: int) -> dict[str, Any]:
+  """The variables of the int8 model (``quantization.quantize``, default ``keep_float``)
+  of ``_random_states``' deploy variables, calibrated on ``CALIBRATION_BATCHES`` random
+  normal batches of ``image_size``: made once per model for every batch size, for the
+  JAX int8 structure and the int8 ONNX graph alike."""
+  _, deploy_vars = _random_states(name)
+  model = create_model(name, deploy=True)
+  batches = [jax.random.normal(jax.random.PRNGKey(1000 + i), (2, image_size, image_size, 3))
+             for i in range(CALIBRATION_BATCHES)]
+  return quantization.quantize(model, deploy_vars,
+                               quantization.calibrate(model, deploy_vars, batches))
 
 
 def _peak_memory(compiled: Any) -> Optional[int]:
@@ -293,15 +316,19 @@ def torch_candidates(name: str, structures: Sequence[str], batch_size: int,
 ONNX_RUNTIMES = ('onnxruntime', 'openvino')
 
 # Where that graph comes from: 'jax', this project's export (``onnx_export.to_onnx`` of the
-# deploy variables); 'torch', timm's reparameterized model exported by ``torch.onnx``.
-ONNX_EXPORTERS = ('jax', 'torch')
+# deploy variables); 'torch', timm's reparameterized model exported by ``torch.onnx``;
+# 'int8', this project's QDQ export of the int8 model of INT8_STRUCTURE (the same
+# variables, quantized).
+ONNX_EXPORTERS = ('jax', 'torch', 'int8')
 
 
 def onnx_structure(runtime: str, exporter: str) -> str:
   """The ``structure`` of a record of ``runtime`` running ``exporter``'s graph: the bare
-  runtime name for this project's export (the name earlier tables used), else
-  ``'<runtime> (<exporter> export)'``."""
-  return runtime if exporter == 'jax' else f'{runtime} ({exporter} export)'
+  runtime name for this project's export (the name earlier tables used),
+  ``'<runtime> int8'`` for its int8 model, else ``'<runtime> (<exporter> export)'``."""
+  if exporter in ('jax', 'int8'):
+    return runtime + (' int8' if exporter == 'int8' else '')
+  return f'{runtime} ({exporter} export)'
 
 
 def ort_session_options(threads: Optional[int] = None) -> Any:
@@ -327,9 +354,11 @@ def onnx_candidates(name: str, runtimes: Sequence[str], batch_size: int,
                     exporters: Sequence[str] = ('jax',)) -> list[Candidate]:
   """ONNX graphs of ``name``'s deploy model from each of ``exporters`` (the same random
   variables as ``jax_candidates``'), float32 NCHW, in each of ``runtimes``
-  (``onnx_session``), grouped by runtime. Each output is checked against the JAX deploy
-  model (``onnx_export.verify_onnx``'s bar) before it is timed; a runtime or exporter
-  that is not installed, or a model timm lacks, is reported and left out."""
+  (``onnx_session``), grouped by runtime. Each output is checked before it is timed
+  against the JAX deploy model (``onnx_export.verify_onnx``'s bar), the int8 graph's
+  against the JAX int8 model (``INT8_STRUCTURE``, within ``onnx_export.INT8_TOLERANCE``); a
+  runtime or exporter that is not installed, or a model timm lacks, is reported and left
+  out."""
   for kind, values, accepted in (('ONNX runtime', runtimes, ONNX_RUNTIMES),
                                  ('ONNX exporter', exporters, ONNX_EXPORTERS)):
     unknown = [v for v in values if v not in accepted]
@@ -340,7 +369,7 @@ def onnx_candidates(name: str, runtimes: Sequence[str], batch_size: int,
   for exporter in exporters:
     start = time.perf_counter()
     try:
-      graph = _onnx_graph(name, exporter)
+      graph = _onnx_graph(name, exporter, image_size)
     except ImportError as e:
       _progress(f'{name} {exporter} export: not installed ({e}), left out')
       continue
@@ -355,8 +384,16 @@ def onnx_candidates(name: str, runtimes: Sequence[str], batch_size: int,
                                        (batch_size, image_size, image_size, 3)))
           for i in range(rotate)]
   nchw = [np.ascontiguousarray(x.transpose(0, 3, 1, 2)) for x in nhwc]
-  reference = np.asarray(exact_forward(name, create_model(name).num_classes, deploy=True)(
-      deploy_vars, nhwc[0]))
+  # What each graph must reproduce on the first input: the float JAX deploy model, or the
+  # JAX int8 model for the int8 graph.
+  expected = {}
+  if graphs.keys() - {'int8'}:
+    expected['float'] = np.asarray(exact_forward(name, create_model(name).num_classes,
+                                                 deploy=True)(deploy_vars, nhwc[0]))
+  if 'int8' in graphs:
+    int8_model = quantization.quantized_model(create_model(name, deploy=True))
+    expected['int8'] = np.asarray(jax.jit(int8_model.apply)(
+        _int8_variables(name, image_size), nhwc[0]))
   device = f'cpu ({_cpu_model()}, {threads or os.cpu_count()} threads)'
   candidates = []
   for runtime in runtimes:
@@ -370,11 +407,15 @@ def onnx_candidates(name: str, runtimes: Sequence[str], batch_size: int,
         break
       seconds = time.perf_counter() - start
       call = lambda i, run=run: run(nchw[i % rotate])
-      error = relative_error(call(0), reference)
-      _progress(f'{name} {structure}: ready in {seconds:.1f} s, error vs JAX {error:.1e}')
-      if not error <= TOLERANCE:
-        raise ValueError(f'{name} in {structure} differs from the JAX deploy model by '
-                         f'{error:.2e} > {TOLERANCE:.0e}')
+      kind, tolerance = (('int8', onnx_export.INT8_TOLERANCE) if exporter == 'int8' else
+                         ('float', TOLERANCE))
+      error = relative_error(call(0), expected[kind])
+      _progress(f'{name} {structure}: ready in {seconds:.1f} s, error vs JAX {error:.1e}'
+                + (' (the int8 model)' if kind == 'int8' else ''))
+      if not error <= tolerance:
+        raise ValueError(f'{name} in {structure} differs from the JAX '
+                         f'{"int8" if kind == "int8" else "deploy"} model by {error:.2e} > '
+                         f'{tolerance:.0e}')
       candidates.append(Candidate(name, structure, runtime, device, params, seconds, call,
                                   wait=lambda y: y, peak_memory=lambda: None))
   return candidates
@@ -406,13 +447,16 @@ def onnx_session(serialized: bytes, runtime: str,
 
 
 @functools.lru_cache(maxsize=len(ONNX_EXPORTERS))
-def _onnx_graph(name: str, exporter: str) -> Optional[bytes]:
+def _onnx_graph(name: str, exporter: str, image_size: int) -> Optional[bytes]:
   """The serialized ONNX graph of ``name``'s deploy model from ``exporter``, of
-  ``_random_states``' variables (None where timm lacks the model): made once per model
-  for every batch size."""
+  ``_random_states``' variables (the int8 one: of ``_int8_variables(name, image_size)``;
+  None where timm lacks the model): made once per model for every batch size."""
   train_vars, deploy_vars = _random_states(name)
   if exporter == 'jax':
     return onnx_export.to_onnx(name, deploy_vars)
+  if exporter == 'int8':
+    return onnx_export.to_onnx(name, deploy_vars, int8_layers=quantization.int8_layers(
+        _int8_variables(name, image_size)))
   return _torch_onnx(name, train_vars)
 
 

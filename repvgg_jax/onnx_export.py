@@ -39,26 +39,36 @@ computes on
 * its weight ``<layer>.weight``, an int8 initializer in the float graph's layout, through
   ``DequantizeLinear`` with one float32 scale per output channel ``<layer>.weight_scale``
   (``axis`` 0 for ``Conv``'s OIHW, 1 for ``Gemm``'s ``[in, out]``);
-* its float32 bias ``<layer>.bias``, added as qwix adds it (to the rescaled sum).
+* its float32 bias ``<layer>.bias``, added as qwix adds it (to the rescaled sum);
+* for a conv whose ReLU feeds one int8 conv alone (a block's conv followed by the next
+  block's, without squeeze-excite between; a squeeze-excite ``down`` followed by its
+  ``up``), its output too, through ``QuantizeLinear -> DequantizeLinear`` with that next
+  layer's input scale, before the ReLU (nodes ``<layer>.output_quantized`` and
+  ``<layer>.output_dequantized``).
 
-The other layers (``keep_float``: by default the stem and the classifier) stay float, and
-no output is quantized. That is qwix's arithmetic up to float32 rounding: QuantizeLinear
-rounds half to even and saturates to [-128, 127] as qwix does (XLA's float-to-int8
-conversion saturates, so an input beyond a clipping calibration's range gives -128 or 127
-in both), but it divides by the scale where XLA:CPU multiplies by the reciprocal, and the
-float convolution of dequantized values sums in another order than qwix's integer one.
-These flip the rounding of a few elements of the next layer's input by one step, and the
-flips cascade: the outputs of the whole graph differ from qwix's by up to ~2.5% (relative
-L2; ~1% on trained models, whose top-1 is the same on 99-99.6% of images; qwix's own
-outputs move by up to 1.6% when its images are scaled by 1 + 1e-6). Hence
-``INT8_TOLERANCE``, which tells the int8 graph from the float one (6.5% and more away) and
-from layout or scale mistakes, though not one layer left in float (the tests feed each
-layer its own input for that); docs/benchmarks.md has the measurements.
+That output Q/DQ changes no value: with zero point 0, quantizing before or after the ReLU
+gives the same int8 values, which the next layer's own input Q/DQ keeps. It is there for
+the runtimes: onnxruntime's CPU provider fuses a conv into an int8 ``QLinearConv`` only
+between a ``DequantizeLinear`` input and a ``QuantizeLinear`` output, and otherwise runs
+float convs on the dequantized values, slower than the float graph (docs/benchmarks.md).
+Outputs that feed no int8 conv alone stay float: a block's where squeeze-excite multiplies
+it, the last block's (pooling and classifier follow), a squeeze-excite ``up``'s (sigmoid),
+and those of the float layers (``keep_float``: by default the stem and the classifier),
+which would not fuse.
 
-TensorRT places the quantization of outputs itself; onnxruntime's CPU provider fuses a
-conv into ``QLinearConv`` only with a ``QuantizeLinear`` on its output, so it runs this
-graph in float on the dequantized values, slower than the float graph
-(docs/benchmarks.md).
+That is qwix's arithmetic up to float32 rounding: QuantizeLinear rounds half to even and
+saturates to [-128, 127] as qwix does (XLA's float-to-int8 conversion saturates, so an
+input beyond a clipping calibration's range gives -128 or 127 in both), but it divides by
+the scale where XLA:CPU multiplies by the reciprocal, and a float convolution of
+dequantized values sums in another order than qwix's integer one (onnxruntime's
+``QLinearConv`` sums integers but requantizes its sums in its own way). These flip the
+rounding of a few elements of the next layer's input by one step, and the flips cascade:
+the outputs of the whole graph differ from qwix's by up to ~2.5% (relative L2; ~1% on
+trained models, whose top-1 is the same on 99-99.6% of images; qwix's own outputs move by
+up to 1.6% when its images are scaled by 1 + 1e-6). Hence ``INT8_TOLERANCE``, which tells
+the int8 graph from the float one (6.5% and more away) and from layout or scale mistakes,
+though not one layer left in float (the tests feed each layer its own input for that);
+docs/benchmarks.md has the measurements.
 """
 
 from __future__ import annotations
@@ -225,47 +235,67 @@ def to_onnx(model_name: str, deploy_variables: Any, num_classes: Optional[int] =
     nodes.append(helper.make_node(op, inputs, [output], name=output, **attributes))
     return output
 
+  def quantized(x: str, scale: str, name: str) -> str:
+    """``x`` through ``QuantizeLinear -> DequantizeLinear`` (int8, zero point 0) with the
+    scale tensor ``scale``, the nodes named ``name_quantized``/``name_dequantized``."""
+    zero = weight('int8.zero_point', 0, 'i1')  # the int8 type of QuantizeLinear's output
+    x = node('QuantizeLinear', [x, scale, zero], f'{name}_quantized')
+    return node('DequantizeLinear', [x, scale, zero], f'{name}_dequantized')
+
+  def input_scale(path: str, name: str) -> Optional[str]:
+    """The input scale tensor of the layer ``path`` (ONNX name ``name``), None if it is
+    float."""
+    int8 = int8_layers.get(path)
+    return None if int8 is None else weight(f'{name}.input_scale', int8['input_scale'])
+
   def layer(op: str, path: str, name: str, x: str, kernel: Any, bias: Any,
             layout: Callable[[Any], np.ndarray], out_axis: int, output: Optional[str] = None,
-            **attributes: Any) -> str:
+            output_scale: Optional[str] = None, **attributes: Any) -> str:
     """``op`` (Conv or Gemm) of ``x`` with the Flax ``kernel`` (``layout`` gives ONNX's,
     whose output channels are on ``out_axis``) and ``bias``, its tensors named
     ``name.*``, its output ``output`` (default ``name``); the int8 layer's instead, in
-    QDQ form, if ``path`` is one."""
-    output = output or name
+    QDQ form, if ``path`` is one, its output quantized too with ``output_scale`` if
+    given (the input scale of the one int8 layer its ReLU feeds)."""
     int8 = int8_layers.get(path)
     if int8 is None:
       return node(op, [x, weight(f'{name}.weight', layout(kernel)),
-                       weight(f'{name}.bias', bias)], output, **attributes)
-    zero = weight('int8.zero_point', 0, 'i1')  # the int8 type of QuantizeLinear's output
-    scale = weight(f'{name}.input_scale', int8['input_scale'])
-    x = node('QuantizeLinear', [x, scale, zero], f'{name}.input_quantized')
-    x = node('DequantizeLinear', [x, scale, zero], f'{name}.input_dequantized')
+                       weight(f'{name}.bias', bias)], output or name, **attributes)
+    x = quantized(x, input_scale(path, name), f'{name}.input')
     # Per-axis DequantizeLinear takes no scalar zero point: 0 is its default.
     w = node('DequantizeLinear', [weight(f'{name}.weight', layout(int8['kernel']), 'i1'),
                                   weight(f'{name}.weight_scale', int8['kernel_scale'])],
              f'{name}.weight_dequantized', axis=out_axis)
-    return node(op, [x, w, weight(f'{name}.bias', int8['bias'])], output, **attributes)
+    y = node(op, [x, w, weight(f'{name}.bias', int8['bias'])],
+             (output or name) if output_scale is None else name, **attributes)
+    return y if output_scale is None else quantized(y, output_scale, f'{name}.output')
 
   def squeeze_excite(x: str, block: str, se: Mapping) -> str:
     # Dense on the spatial mean == 1x1 conv on the globally pooled map, weight (out, in).
     s = node('GlobalAveragePool', [x], f'{block}.se.pool')
     for dense, activation in (('down', 'Relu'), ('up', 'Sigmoid')):
+      # down's ReLU feeds only up; up's sigmoid feeds no int8 layer.
+      scale = input_scale(f'{block}/se/up', f'{block}.se.up') if dense == 'down' else None
       s = layer('Conv', f'{block}/se/{dense}', f'{block}.se.{dense}', s,
                 se[dense]['kernel'], se[dense]['bias'],
-                lambda kernel: np.asarray(kernel).T[:, :, None, None], 0, kernel_shape=[1, 1])
+                lambda kernel: np.asarray(kernel).T[:, :, None, None], 0,
+                output_scale=scale, kernel_shape=[1, 1])
       s = node(activation, [s], f'{block}.se.{dense}.{activation.lower()}')
     return node('Mul', [x, s], f'{block}.se')
 
   x = 'images'
-  for spec in layer_specs(variant):
+  specs = list(layer_specs(variant))
+  for spec, following in zip(specs, specs[1:] + [None]):
     block = spec.module_name
     conv = params[block]['reparam_conv']
+    # A block's ReLU feeds only the next block's conv, unless squeeze-excite (which
+    # multiplies the map by its gates) or the pooling and classifier come between.
+    scale = None if variant.se or following is None else input_scale(
+        f'{following.module_name}/reparam_conv', f'{following.module_name}.conv')
     # Flax's HWIO kernel -> ONNX's OIHW; both group the output channels the same way.
     x = layer('Conv', f'{block}/reparam_conv', f'{block}.conv', x, conv['kernel'],
               conv['bias'], lambda kernel: np.transpose(np.asarray(kernel), (3, 2, 0, 1)), 0,
-              kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[spec.strides, spec.strides],
-              group=spec.groups)
+              output_scale=scale, kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+              strides=[spec.strides, spec.strides], group=spec.groups)
     if variant.se == 'pre':
       x = squeeze_excite(x, block, params[block]['se'])
     x = node('Relu', [x], f'{block}.relu')

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import benchmark
-from repvgg_jax import benchmarking, xla_backend
+from repvgg_jax import benchmarking, onnx_export, xla_backend
 from repvgg_jax.equivalence import TOLERANCE
 
 REQUIRED = {'model', 'structure', 'batch_size', 'dtype', 'image_size', 'images_per_second',
@@ -58,6 +58,26 @@ def test_timm_exported_by_torch_runs_verified_beside_our_onnx_export(tmp_path, c
   for structure in ('onnxruntime', 'onnxruntime (torch export)'):
     error = err.split(f'RepVGG-A0 {structure}: ready in ')[1].split('error vs JAX ')[1]
     assert float(error.split()[0]) <= TOLERANCE
+
+
+def test_int8_model_in_jax_and_its_qdq_graph_run_verified(tmp_path, capsys):
+  """The JAX int8 structure and the int8 QDQ graph in onnxruntime, the graph checked
+  against that JAX model within INT8_TOLERANCE before it is timed."""
+  pytest.importorskip('onnxruntime')
+  json_path = tmp_path / 'r.json'
+  assert benchmark.main([
+      '--models', 'RepVGG-A0', '--batch-sizes', '1', '--image-size', '32',
+      '--structures', 'deploy-int8', '--onnx-runtimes', 'onnxruntime',
+      '--onnx-exporters', 'int8', '--threads', '1', '--min-calls', '1',
+      '--min-seconds', '0', '--json', str(json_path)]) == 0
+  records = json.loads(json_path.read_text())
+  assert [(r['structure'], r['framework']) for r in records] == [
+      ('deploy-int8', 'jax'), ('onnxruntime int8', 'onnxruntime')]
+  assert all(r['images_per_second'] > 0 for r in records)
+  error = capsys.readouterr().err.split('RepVGG-A0 onnxruntime int8: ready in ')[1]
+  error = float(error.split('error vs JAX ')[1].split()[0])
+  # Not the float model's 1e-5: the int8 graph's one-step rounding flips cascade.
+  assert TOLERANCE < error <= onnx_export.INT8_TOLERANCE
 
 
 def test_onnx_exporters_flag():
