@@ -119,6 +119,7 @@ def reference_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.xdist_group('reference_run')  # one worker runs the reference run once
 def test_reference_run_writes_the_documented_workdir(reference_run):
   metrics = read_metrics(reference_run)
   assert sorted(train_losses(metrics)) == list(range(1, STEPS + 1))
@@ -132,6 +133,7 @@ def test_reference_run_writes_the_documented_workdir(reference_run):
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(reference_run))
 
 
+@pytest.mark.xdist_group('reference_run')  # one worker runs the reference run once
 def test_one_device_matches_four_devices(reference_run, tmp_path):
   code, _, err = run_training(tmp_path, devices=4 if ON_GPU else 1)
   assert code == 0, err
@@ -142,6 +144,7 @@ def test_one_device_matches_four_devices(reference_run, tmp_path):
                                                         rel=1e-4)
 
 
+@pytest.mark.xdist_group('reference_run')  # one worker runs the reference run once
 def test_evaluate_py_on_the_runs_checkpoint_gives_the_runs_own_evaluation(
     reference_run, tmp_path, monkeypatch):
   import evaluate

@@ -20,8 +20,10 @@ from repvgg_jax.data.memory import Images, InMemory
 # assorted sizes the decoded size is guessed from the encoded one (JPEG compresses ~10x).
 IN_MEMORY_LIMIT_BYTES = 4 << 30
 ENCODED_TO_DECODED = 10
-# Examples a streamed dataset shuffles over (encoded ImageNet JPEGs: about 1 GiB).
-STREAM_SHUFFLE_BUFFER = 10_000
+# Examples a streamed dataset shuffles over, in per-process batches: the Flax ImageNet
+# example's 16 (ImageNet's files are shuffled and interleaved too). It bounds the memory
+# of the stream: 2048 encoded ImageNet JPEGs at a batch of 128, about 230 MB.
+STREAM_SHUFFLE_BATCHES = 16
 
 
 def tensorflow():
@@ -116,9 +118,10 @@ def load(name: str, data_dir: Optional[str]) -> Union[InMemory, Streamed]:
   return Streamed(info, builder, 'train', eval_split, image_key, label_key)
 
 
-def _encoded_examples(source: Streamed, split: str, shuffle_seed: Optional[int]):
-  """The split's (encoded image, label) pairs; shuffled files and examples when a seed is
-  given (tf.data keeps that order deterministic)."""
+def _encoded_examples(source: Streamed, split: str, shuffle_seed: Optional[int],
+                      shuffle_buffer: int = 0):
+  """The split's (encoded image, label) pairs; shuffled files and, over ``shuffle_buffer``
+  examples, examples when a seed is given (tf.data keeps that order deterministic)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
   examples = source.builder.as_dataset(
@@ -126,7 +129,7 @@ def _encoded_examples(source: Streamed, split: str, shuffle_seed: Optional[int])
       decoders={source.image_key: tfds.decode.SkipDecoding()})
   examples = examples.map(lambda e: (e[source.image_key], e[source.label_key]))
   if shuffle_seed is not None:
-    examples = examples.shuffle(STREAM_SHUFFLE_BUFFER, seed=shuffle_seed)
+    examples = examples.shuffle(shuffle_buffer, seed=shuffle_seed)
   return examples
 
 
@@ -220,7 +223,8 @@ def train_batches(source: Streamed, *, local_batch_size: int, image_size: int, s
     draws = steps.map(lambda step: tf.numpy_function(batch_draws, [step], tf.float64))
     draws = draws.map(lambda d: tf.ensure_shape(d, [local_batch_size, randomness.NUM_DRAWS]))
     shuffle_seed = int(np.random.default_rng([seed, epoch]).integers(2**31))
-    examples = _encoded_examples(source, shard, shuffle_seed)
+    examples = _encoded_examples(source, shard, shuffle_seed,
+                                 STREAM_SHUFFLE_BATCHES * local_batch_size)
     examples = examples.take(steps_per_epoch * local_batch_size)
     examples = examples.skip(first_batch * local_batch_size)
     examples = tf.data.Dataset.zip((draws.unbatch(), examples))
