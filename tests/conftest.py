@@ -3,7 +3,9 @@
 Random model states and the error measure are the project's own
 (``repvgg_jax.equivalence``)."""
 
+import gc
 import os
+import sys
 
 # Several CPU devices for the data-parallel tests; must be set before jax starts.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
@@ -15,6 +17,27 @@ import pytest  # noqa: E402
 jax.config.update('jax_default_matmul_precision', 'highest')
 # Compilation, not execution, dominates these small graphs on 2 cores.
 jax.config.update('jax_disable_most_optimizations', True)
+
+
+# The project's caches of compiled programs and drawn variables, by module: cleared after
+# each test module, with JAX's own, so that a worker does not hold every variant's
+# executables at once (each of the two workers grew to ~11 GB of the VM's 24 GB, which
+# then spent its time on page faults).
+PROGRAM_CACHES = {'repvgg_jax.models': ('exact_forward',),
+                  'repvgg_jax.quantization': ('_statistics',),
+                  'repvgg_jax.benchmarking': ('_random_states', '_int8_variables',
+                                              '_onnx_graph')}
+
+
+@pytest.fixture(autouse=True, scope='module')
+def release_compiled_programs():
+  yield
+  for module_name, functions in PROGRAM_CACHES.items():
+    module = sys.modules.get(module_name)
+    for function in functions if module is not None else ():
+      getattr(module, function).cache_clear()
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture
