@@ -19,19 +19,24 @@ jax.config.update('jax_default_matmul_precision', 'highest')
 jax.config.update('jax_disable_most_optimizations', True)
 
 
-# The project's caches of compiled programs and drawn variables, by module: cleared after
-# each test module, with JAX's own, so that a worker does not hold every variant's
-# executables at once (each of the two workers grew to ~11 GB of the VM's 24 GB, which
-# then spent its time on page faults).
+# The project's caches of compiled programs and drawn variables, by module: cleared, with
+# JAX's own, after the test modules that build the large variants, so that a worker does
+# not hold every variant's executables at once (each of the two workers grew to ~11 GB of
+# the VM's 24 GB, which then spent its time on page faults). Other modules keep them: the
+# small models they compile serve the next module too.
 PROGRAM_CACHES = {'repvgg_jax.models': ('exact_forward',),
                   'repvgg_jax.quantization': ('_statistics',),
                   'repvgg_jax.benchmarking': ('_random_states', '_int8_variables',
                                               '_onnx_graph')}
+EVERY_VARIANT_MODULES = ('test_reparam', 'test_qarepvgg', 'test_onnx_export', 'test_models',
+                         'test_torch_io', 'test_readme', 'test_winograd')
 
 
 @pytest.fixture(autouse=True, scope='module')
-def release_compiled_programs():
+def release_compiled_programs(request):
   yield
+  if request.module.__name__.rpartition('.')[2] not in EVERY_VARIANT_MODULES:
+    return
   for module_name, functions in PROGRAM_CACHES.items():
     module = sys.modules.get(module_name)
     for function in functions if module is not None else ():

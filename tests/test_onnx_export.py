@@ -397,9 +397,9 @@ def test_int8_layers_of_another_model_or_opset_11_are_refused(int8_a0):
 
 # Last, so that the A0 variables drawn for the tests above serve its first case and the
 # larger variants' are drawn once each. A0; B1g4 (grouped convs); D2se (SE before the
-# ReLU); RepVGGplus-L2pse (SE after it).
-@pytest.mark.parametrize('name', ['RepVGG-A0', 'RepVGG-B1g4', 'RepVGG-D2se',
-                                  'RepVGGplus-L2pse'])
+# ReLU). RepVGGplus-L2pse (SE after it) is left to the graph-structure tests: its exact
+# run cost ~45 s of make test's 10-minute budget.
+@pytest.mark.parametrize('name', ['RepVGG-A0', 'RepVGG-B1g4', 'RepVGG-D2se'])
 def test_onnxruntime_reproduces_the_jax_deploy_model(name, variables):
   _, deploy_vars = variables(name)
   serialized = onnx_export.to_onnx(name, deploy_vars)
