@@ -103,15 +103,15 @@ def verify_deploy(model: str, num_classes: int, train_variables: Any, deploy_var
 def export_deploy(model: str, num_classes: int, deploy_variables: Any, image_size: int,
                   conv_impl: str = 'xla', channels: int = 3,
                   platforms: Optional[Sequence[str]] = EXPORT_PLATFORMS,
-                  int8: Optional[Mapping[str, Any]] = None) -> bytes:
+                  int8: Optional[tuple[Any, Any]] = None) -> bytes:
   """A serialized ``jax.export`` of the deploy forward pass, weights embedded as
   constants, input ``[batch, image_size, image_size, channels]`` float32 with a symbolic
-  batch; of its int8 model where ``int8`` (``model.json``'s ``int8``: ranges and
-  ``keep_float``) is given."""
+  batch; of its int8 model where ``int8``, that model and its variables
+  (``quantization.int8_model``), is given."""
   net = create_model(model, num_classes, deploy=True, conv_impl=conv_impl)
   variables = jax.tree_util.tree_map(jnp.asarray, deploy_variables)
   if int8 is not None:
-    net, variables = quantization.int8_model(net, variables, int8)
+    net, variables = int8
   forward = jax.jit(lambda x: net.apply(variables, x))
   batch, = jax.export.symbolic_shape('batch')
   spec = jax.ShapeDtypeStruct((batch, image_size, image_size, channels), jnp.float32)
@@ -119,10 +119,13 @@ def export_deploy(model: str, num_classes: int, deploy_variables: Any, image_siz
 
 
 def quantize_deploy(run: Mapping[str, Any], deploy_variables: Any, options: Int8Options,
-                    log: Any = print) -> tuple[dict[str, Any], np.ndarray]:
+                    log: Any = print
+                    ) -> tuple[dict[str, Any], tuple[Any, Any], np.ndarray]:
   """Calibrate and verify the int8 model of a run's deploy variables (see the module
-  docstring); returns ``model.json``'s ``int8`` entry and the first calibration images
-  (for checking exports: the int8 model wants images like those it was calibrated on).
+  docstring); returns ``model.json``'s ``int8`` entry, the int8 model and its variables
+  (``quantization.int8_model``, made once for the checks and the exports), and the first
+  calibration images (for checking exports: the int8 model wants images like those it
+  was calibrated on).
 
   Raises:
     calibration.CalibrationDataError: the data cannot be read or does not fit the model.
@@ -167,7 +170,7 @@ def quantize_deploy(run: Mapping[str, Any], deploy_variables: Any, options: Int8
         f'below --min-agreement {options.min_agreement:.2%}; nothing written (QARepVGG '
         "blocks, config.block='qarepvgg', quantize far better; or try another "
         '--calibration-method)')
-  return entry, np.asarray(images[0][:VERIFY_IMAGES])
+  return entry, (int8_net, int8_variables), np.asarray(images[0][:VERIFY_IMAGES])
 
 
 def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
@@ -247,13 +250,14 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
   metadata = checkpoint.model_metadata(
       run_model, num_classes, image_size, mean, std, structure='deploy',
       source=os.path.abspath(workdir), step=int(step), conversion_relative_error=error)
-  int8_images = None
+  int8_model, int8_images = None, None
   if int8 is not None:
-    metadata['int8'], int8_images = quantize_deploy(run, deploy_variables, int8, log)
+    metadata['int8'], int8_model, int8_images = quantize_deploy(run, deploy_variables, int8,
+                                                                log)
   files = {}
   if 'stablehlo' in exports:
     serialized = export_deploy(run_model, num_classes, checked, image_size, conv_impl,
-                               channels, platforms, metadata.get('int8'))
+                               channels, platforms, int8_model)
     files[EXPORT_FILE] = serialized
     metadata['export'] = {'file': EXPORT_FILE, 'format': 'stablehlo', 'conv_impl': conv_impl,
                           'platforms': list(platforms or [jax.default_backend()]),
@@ -263,8 +267,7 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
         f'{"int8" if int8 is not None else conv_impl}, symbolic batch)')
   if 'onnx' in exports:
     files[ONNX_FILE], onnx_error = _onnx(run_model, deploy_variables, num_classes,
-                                         image_size, channels, metadata.get('int8'),
-                                         int8_images)
+                                         image_size, channels, int8_model, int8_images)
     metadata['onnx'] = {'file': ONNX_FILE, 'opset': onnx_export.DEFAULT_OPSET,
                         'input': ['batch', channels, 'height', 'width'],
                         'relative_error': onnx_error, 'int8': int8 is not None}
@@ -277,10 +280,10 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
 
 
 def _onnx(model: str, deploy_variables: Any, num_classes: int, image_size: int,
-          channels: int, int8: Optional[Mapping[str, Any]],
+          channels: int, int8: Optional[tuple[Any, Any]],
           int8_images: Optional[np.ndarray]) -> tuple[bytes, float]:
   """The ONNX graph of the deploy model (of its int8 model in QDQ form where ``int8``,
-  ``model.json``'s calibration, is given) and its relative error against JAX in
+  that model and its variables, is given) and its relative error against JAX in
   onnxruntime; ``ConversionError`` beyond the bar.
 
   The float graph's bar is ``TOLERANCE``. The QDQ graph is compared with the JAX int8
@@ -295,7 +298,7 @@ def _onnx(model: str, deploy_variables: Any, num_classes: int, image_size: int,
   int8_layers, reference, tolerance = None, None, TOLERANCE
   if int8 is not None:
     net = create_model(model, num_classes, deploy=True)
-    int8_net, int8_variables = quantization.int8_model(net, deploy_variables, int8)
+    int8_net, int8_variables = int8
     int8_layers = quantization.int8_layers(int8_variables)
     reference = calibration.predictor(int8_net.apply, int8_variables)
     int8_distance = relative_error(reference(int8_images),
