@@ -98,9 +98,7 @@ class RunData:
     try:
       return [next(stream)['image'] for _ in range(batches)]
     finally:
-      close = getattr(stream, 'close', None)
-      if close is not None:
-        close()
+      stream.close()  # the prefetch thread and any decoding workers
 
   def eval_batches(self) -> Iterator[data.Batch]:
     """The evaluation split once, preprocessed as the run evaluated it (padded batches
