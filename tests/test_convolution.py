@@ -60,7 +60,7 @@ def test_training_gradients_agree():
       logits, _ = model.apply({**variables, 'params': params}, images, train=True,
                               mutable=['batch_stats'])
       return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
-    return jax.grad(loss)(variables['params'])
+    return jax.jit(jax.grad(loss))(variables['params'])
   flat = lambda tree: np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(tree)])
   # Float32 rounding, amplified by training-mode BatchNorm on 4 images: ~1e-6 overall.
   assert relative_error(flat(grads('patches')), flat(grads('xla'))) < 1e-5

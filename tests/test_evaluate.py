@@ -54,12 +54,12 @@ def test_published_weights_on_a_folder_give_the_models_own_top1(folder, weights,
   assert evaluate.main(args + (['--deploy', '--skip-unreadable-images'] if deploy else [])) == 0
   result = json.loads(out.read_text())
   # By hand: the same crops, ImageNet's normalization (the published weights'), the model.
-  model = rv.create_model('RepVGG-A0', len(CLASSES))
+  forward = jax.jit(rv.create_model('RepVGG-A0', len(CLASSES)).apply)
   hits, count = 0, 0
   for batch in data.eval_batches(folder, global_batch_size=8, image_size=SIZE,
                                  crop_fraction=1.0, mean=rv.IMAGENET_MEAN,
                                  std=rv.IMAGENET_STD):
-    predictions = np.argmax(model.apply(variables, batch['image']), -1)
+    predictions = np.argmax(forward(variables, batch['image']), -1)
     hits += int(np.sum((predictions == batch['label']) * batch['mask']))
     count += int(batch['mask'].sum())
   assert result['count'] == count == 9 and result['skipped_images'] == 0

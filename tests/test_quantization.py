@@ -29,9 +29,10 @@ def deploy():
   labels = np.arange(96) % 10
   images = templates[labels] + 0.5 * jax.random.normal(keys[1], (96, 32, 32, 1))
   train = rv.create_model('RepVGG-A0', num_classes=10, block='qarepvgg')
-  variables = rv.reparameterize(train.init(keys[2], images[:1]))
+  variables = rv.reparameterize(jax.jit(train.init)(keys[2], images[:1]))
   model = rv.create_model('RepVGG-A0', num_classes=10, deploy=True)
-  features = np.mean(model.apply(variables, images[:32], method='features')['stage4'], (1, 2))
+  features = jax.jit(lambda v, x: model.apply(v, x, method='features'))(variables, images[:32])
+  features = np.mean(features['stage4'], (1, 2))
   fit = np.linalg.lstsq(np.concatenate([features, np.ones((32, 1))], 1),
                         np.eye(10)[labels[:32]], rcond=None)[0]
   variables = {'params': {**variables['params'], 'linear': {

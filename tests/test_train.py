@@ -79,11 +79,27 @@ def tiny_flags(**overrides):
   return [f'--config.{k}={v}' for k, v in config.items()]
 
 
+# The runs of this module share JAX's persistent compilation cache (set by
+# `compilation_cache`): most compile the same programs, and compiling is most of a run.
+COMPILATION_CACHE = {}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  COMPILATION_CACHE.update(
+      JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  yield
+  COMPILATION_CACHE.clear()
+
+
 def run_training(workdir, devices=4, extra=(), env=None, process=None, wait=True):
   gpu = ON_GPU and devices == 1
   environ = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
                  + (' --xla_gpu_deterministic_ops=true' if gpu else ''),
                  JAX_DISABLE_MOST_OPTIMIZATIONS='1', JAX_PLATFORMS='cuda' if gpu else 'cpu',
+                 **COMPILATION_CACHE,
                  **({'JAX_DEFAULT_MATMUL_PRECISION': 'highest'} if ON_GPU else {}), **(env or {}))
   command = [sys.executable, '-c', DRIVER, '--config', 'configs/fashion_mnist.py',
              '--workdir', str(workdir), *tiny_flags(), *extra]
@@ -130,7 +146,13 @@ def test_reference_run_writes_the_documented_workdir(reference_run):
   assert step == STEPS and metadata['model'] == 'test-tiny' and metadata['num_classes'] == 10
   _, deploy_metadata = ckpt.load_variables(str(reference_run / trainer.DEPLOY_DIR))
   assert deploy_metadata['structure'] == 'deploy'
-  assert any(name.startswith('events.out.tfevents') for name in os.listdir(reference_run))
+  # TensorBoard reads the scalars of every logged step.
+  from tensorboard.backend.event_processing import event_accumulator
+  events = event_accumulator.EventAccumulator(str(reference_run))
+  events.Reload()
+  assert [e.step for e in events.Scalars('train_loss')] == list(range(1, STEPS + 1))
+  assert events.Scalars('deploy_eval_accuracy')[-1].value == pytest.approx(
+      summary['deploy_eval_accuracy'])
 
 
 @pytest.mark.xdist_group('reference_run')  # one worker runs the reference run once
@@ -160,6 +182,7 @@ def test_evaluate_py_on_the_runs_checkpoint_gives_the_runs_own_evaluation(
   assert result['loss'] == pytest.approx(reference['eval_loss'], rel=1e-4)
 
 
+@pytest.mark.xdist_group('reference_run')  # one worker runs the reference run once
 def test_two_processes_match_one_process(reference_run, tmp_path):
   with socket.socket() as s:
     s.bind(('localhost', 0))
@@ -175,6 +198,7 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
   assert final_eval(ours)['eval_accuracy'] == final_eval(reference)['eval_accuracy']
 
 
+@pytest.mark.xdist_group('reference_run')  # one worker runs the reference run once
 def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path):
   code, _, _ = run_training(tmp_path, devices=REFERENCE_DEVICES,
                             env={'SIGNAL_AFTER_FIRST_CHECKPOINT': 'KILL'})
@@ -355,7 +379,7 @@ def test_repvggplus_step_trains_the_auxiliary_heads():
                        plus=True)
   model = rv.RepVGG(variant, num_classes=3, bn_axis_name=steps.AXIS)
   images = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
-  variables = model.init(jax.random.PRNGKey(1), images[:1])
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), images[:1])
   tx, schedule = optax.sgd(0.1), optax.constant_schedule(0.1)
   state = {'step': jnp.int32(0), 'params': variables['params'],
            'batch_stats': variables['batch_stats'], 'opt_state': tx.init(variables['params'])}
@@ -367,8 +391,8 @@ def test_repvggplus_step_trains_the_auxiliary_heads():
                                              tx=tx, schedule=schedule, options=options)
     # A plain function of one replica: vmap with the axis name stands in for pmap.
     add_axis = lambda t: jax.tree_util.tree_map(lambda x: x[None], t)
-    new_state, metrics = jax.vmap(step, axis_name=steps.AXIS)(add_axis(state),
-                                                                  add_axis(batch))
+    new_state, metrics = jax.jit(jax.vmap(step, axis_name=steps.AXIS))(add_axis(state),
+                                                                           add_axis(batch))
     return new_state['params'], metrics
 
   params, metrics = one_step(0.1)
