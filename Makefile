@@ -11,9 +11,9 @@ CONFIG ?= configs/fashion_mnist.py
 # set TORCH_PINS= to let pip choose.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
-# loadgroup: a module's tests marked with one xdist_group run in one worker, so that its
-# costly module fixtures are computed once.
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+# loadfile: a module's tests run in one worker, so that its costly module fixtures (training
+# runs, conversions, calibrations) are computed once.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: train test setup setup-test data model-table gpu-carry clean
 

@@ -19,10 +19,6 @@ import repvgg_jax as rv
 from repvgg_jax.equivalence import random_variables, relative_error
 from repvgg_jax import calibration, checkpoint, conversion, equivalence, quantization
 
-# One worker runs this module: its module fixtures (conversions, calibrations) are then
-# computed once (make test: pytest -n 2 --dist loadgroup).
-pytestmark = pytest.mark.xdist_group('convert')
-
 # Grey images, as Fashion-MNIST's: the channel count comes from the normalization.
 MODEL, CLASSES, SIZE, CHANNELS = 'RepVGG-A0', 10, 32, 1
 MEAN, STD = (1.0,), (4.0,)

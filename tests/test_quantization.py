@@ -9,10 +9,6 @@ import pytest
 import repvgg_jax as rv
 from repvgg_jax import quantization
 
-# One worker runs this module: its module fixtures (conversions, calibrations) are then
-# computed once (make test: pytest -n 2 --dist loadgroup).
-pytestmark = pytest.mark.xdist_group('quantization')
-
 
 @pytest.fixture(scope='module')
 def deploy():

@@ -135,7 +135,6 @@ def reference_run(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.xdist_group('reference_run')  # one worker runs the reference run once
 def test_reference_run_writes_the_documented_workdir(reference_run):
   metrics = read_metrics(reference_run)
   assert sorted(train_losses(metrics)) == list(range(1, STEPS + 1))
@@ -155,7 +154,6 @@ def test_reference_run_writes_the_documented_workdir(reference_run):
       summary['deploy_eval_accuracy'])
 
 
-@pytest.mark.xdist_group('reference_run')  # one worker runs the reference run once
 def test_one_device_matches_four_devices(reference_run, tmp_path):
   code, _, err = run_training(tmp_path, devices=4 if ON_GPU else 1)
   assert code == 0, err
@@ -166,7 +164,6 @@ def test_one_device_matches_four_devices(reference_run, tmp_path):
                                                         rel=1e-4)
 
 
-@pytest.mark.xdist_group('reference_run')  # one worker runs the reference run once
 def test_evaluate_py_on_the_runs_checkpoint_gives_the_runs_own_evaluation(
     reference_run, tmp_path, monkeypatch):
   import evaluate
@@ -182,7 +179,6 @@ def test_evaluate_py_on_the_runs_checkpoint_gives_the_runs_own_evaluation(
   assert result['loss'] == pytest.approx(reference['eval_loss'], rel=1e-4)
 
 
-@pytest.mark.xdist_group('reference_run')  # one worker runs the reference run once
 def test_two_processes_match_one_process(reference_run, tmp_path):
   with socket.socket() as s:
     s.bind(('localhost', 0))
@@ -198,7 +194,6 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
   assert final_eval(ours)['eval_accuracy'] == final_eval(reference)['eval_accuracy']
 
 
-@pytest.mark.xdist_group('reference_run')  # one worker runs the reference run once
 def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path):
   code, _, _ = run_training(tmp_path, devices=REFERENCE_DEVICES,
                             env={'SIGNAL_AFTER_FIRST_CHECKPOINT': 'KILL'})
