@@ -286,6 +286,20 @@ def block_tree(rng, cin=3, cout=4):
   return params, stats
 
 
+def test_metrics_of_a_run_and_its_resumption_in_one_process_all_reach_tensorboard(tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator
+  for first_step in (1, 3):  # the run, then its resumption, within the same second
+    writer = metrics.MetricsWriter(str(tmp_path), enabled=True)
+    for step in (first_step, first_step + 1):
+      writer.write(step, {'train_loss': 1.0 / step})
+    writer.close()
+  events = event_accumulator.EventAccumulator(str(tmp_path))
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars('train_loss')] == [
+      (s, pytest.approx(1.0 / s)) for s in (1, 2, 3, 4)]
+  assert [m['step'] for m in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
 def test_weight_decay_mask_follows_the_official_names():
   params, _ = block_tree(np.random.default_rng(0))
   params = {'stage1_0': params, 'linear': {'kernel': np.ones((4, 2)), 'bias': np.ones(2)}}

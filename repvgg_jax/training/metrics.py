@@ -3,6 +3,7 @@ TensorFlow needed), the training throughput, a progress bar and the final summar
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import time
 from typing import Any
 
 METRICS_FILE = 'metrics.jsonl'
+_EVENT_FILES = itertools.count()
 
 
 class MetricsWriter:
@@ -38,8 +40,10 @@ class MetricsWriter:
             file=sys.stderr, flush=True)
       return
     self._event, self._summary = event_pb2.Event, summary_pb2.Summary
-    # TensorBoard's file naming; a resumed run starts a new file beside the old ones.
-    name = f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}'
+    # TensorBoard's file naming; a resumed run starts a new file beside the old ones (the
+    # counter keeps two writers of one process in one second apart).
+    name = (f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.'
+            f'{os.getpid()}.{next(_EVENT_FILES)}')
     self._events = RecordWriter(open(os.path.join(workdir, name), 'wb'))
     self._add_event(self._event(wall_time=time.time(), file_version='brain.Event:2'))
 
