@@ -3,7 +3,7 @@
 Random model states and the error measure are the project's own
 (``repvgg_jax.equivalence``).
 
-Inputs of the whole-model tests are at least 48 pixels on a side: where a feature map is
+Inputs of the every-variant tests are at least 48 pixels on a side: where a feature map is
 smaller than the 3x3 kernel (stage 3 of a 32x40 input is 2x3), XLA swaps the convolution's
 operands, and that convolution runs as a plain loop, which the fast compiles
 (``jax_disable_most_optimizations``) leave unoptimized: RepVGG-D2se's two forward passes

@@ -175,7 +175,7 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params():
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
   features = jax.eval_shape(lambda v, x: model.apply(v, x, method='features'), variables, x)
   assert all(f.dtype == jnp.bfloat16 for f in features.values())
-  assert jax.eval_shape(model.apply, variables, x).dtype == jnp.float32
+  assert jax.jit(model.apply)(variables, x).dtype == jnp.float32
 
 
 @pytest.mark.parametrize('name', ['RepVGG-A0', 'RepVGGplus-L2pse'])

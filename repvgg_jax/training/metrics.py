@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 METRICS_FILE = 'metrics.jsonl'
-_EVENT_FILES = itertools.count()
+_EVENT_FILE_IDS = itertools.count()
 
 
 class MetricsWriter:
@@ -40,10 +40,11 @@ class MetricsWriter:
             file=sys.stderr, flush=True)
       return
     self._event, self._summary = event_pb2.Event, summary_pb2.Summary
+    self._session_log = event_pb2.SessionLog
     # TensorBoard's file naming; a resumed run starts a new file beside the old ones (the
     # counter keeps two writers of one process in one second apart).
     name = (f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.'
-            f'{os.getpid()}.{next(_EVENT_FILES)}')
+            f'{os.getpid()}.{next(_EVENT_FILE_IDS)}')
     self._events = RecordWriter(open(os.path.join(workdir, name), 'wb'))
     self._add_event(self._event(wall_time=time.time(), file_version='brain.Event:2'))
 
@@ -63,8 +64,16 @@ class MetricsWriter:
                                   summary=self._summary(value=values)))
 
   def truncate_after(self, step: int) -> None:
-    """Drop lines beyond ``step`` (logged after the checkpoint a run resumes from)."""
-    if not self.enabled or not os.path.exists(self.path):
+    """Forget what was logged beyond ``step``, after the checkpoint a run resumes from:
+    the lines of metrics.jsonl, and the events of earlier files, which TensorBoard drops
+    from ``step + 1`` on when it reads a session start there."""
+    if not self.enabled:
+      return
+    if self._events is not None and step > 0:
+      self._add_event(self._event(wall_time=time.time(), step=step + 1,
+                                  session_log=self._session_log(
+                                      status=self._session_log.START)))
+    if not os.path.exists(self.path):
       return
     with open(self.path) as f:
       lines = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
