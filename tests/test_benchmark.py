@@ -15,15 +15,29 @@ REQUIRED = {'model', 'structure', 'batch_size', 'dtype', 'image_size', 'images_p
             'latency_ms_p50', 'compile_seconds', 'device'}
 
 
+def run_tiny(tmp_path, *argv):
+  """benchmark.py on RepVGG-A0 at 32x32, one thread, one timed call per candidate, plus
+  ``argv``; its JSON records."""
+  json_path = tmp_path / 'r.json'
+  assert benchmark.main([
+      '--models', 'RepVGG-A0', '--image-size', '32', '--threads', '1', '--min-calls', '1',
+      '--min-seconds', '0', '--json', str(json_path), *argv]) == 0
+  return json.loads(json_path.read_text())
+
+
+def error_vs_jax(stderr, structure):
+  """The error against the JAX model that benchmark.py printed for an ONNX ``structure``
+  when it checked the graph, before timing it."""
+  line = stderr.split(f'RepVGG-A0 {structure}: ready in ')[1]
+  return float(line.split('error vs JAX ')[1].split()[0])
+
+
 def test_measures_both_graphs_and_torch_and_writes_table_json_and_plot(tmp_path, capsys):
   pytest.importorskip('timm')
-  json_path, png_path = tmp_path / 'r.json', tmp_path / 'r.png'
-  assert benchmark.main([
-      '--models', 'RepVGG-A0', '--batch-sizes', '2', '--image-size', '32',
-      '--structures', 'train,deploy', '--torch',
-      '--torch-variants', 'torch-channels_last', '--threads', '1', '--min-calls', '1',
-      '--min-seconds', '0', '--json', str(json_path), '--plot', str(png_path)]) == 0
-  records = json.loads(json_path.read_text())
+  png_path = tmp_path / 'r.png'
+  records = run_tiny(tmp_path, '--batch-sizes', '2', '--structures', 'train,deploy',
+                     '--torch', '--torch-variants', 'torch-channels_last',
+                     '--plot', str(png_path))
   assert [r['structure'] for r in records] == ['train', 'deploy', 'torch-channels_last']
   for r in records:
     assert REQUIRED <= set(r)
@@ -41,13 +55,8 @@ def test_measures_both_graphs_and_torch_and_writes_table_json_and_plot(tmp_path,
 def test_timm_exported_by_torch_runs_verified_beside_our_onnx_export(tmp_path, capsys):
   pytest.importorskip('timm')
   pytest.importorskip('onnxruntime')
-  json_path = tmp_path / 'r.json'
-  assert benchmark.main([
-      '--models', 'RepVGG-A0', '--batch-sizes', '2', '--image-size', '32',
-      '--structures', 'deploy', '--onnx-runtimes', 'onnxruntime',
-      '--onnx-exporters', 'jax,torch', '--threads', '1', '--min-calls', '1',
-      '--min-seconds', '0', '--json', str(json_path)]) == 0
-  records = json.loads(json_path.read_text())
+  records = run_tiny(tmp_path, '--batch-sizes', '2', '--structures', 'deploy',
+                     '--onnx-runtimes', 'onnxruntime', '--onnx-exporters', 'jax,torch')
   assert [(r['structure'], r['framework']) for r in records] == [
       ('deploy', 'jax'), ('onnxruntime', 'onnxruntime'),
       ('onnxruntime (torch export)', 'onnxruntime')]
@@ -56,26 +65,19 @@ def test_timm_exported_by_torch_runs_verified_beside_our_onnx_export(tmp_path, c
   assert '| RepVGG-A0 | onnxruntime (torch export) | 2 |' in out
   # Both graphs were checked against the JAX deploy model before they were timed.
   for structure in ('onnxruntime', 'onnxruntime (torch export)'):
-    error = err.split(f'RepVGG-A0 {structure}: ready in ')[1].split('error vs JAX ')[1]
-    assert float(error.split()[0]) <= TOLERANCE
+    assert error_vs_jax(err, structure) <= TOLERANCE
 
 
 def test_int8_model_in_jax_and_its_qdq_graph_run_verified(tmp_path, capsys):
   """The JAX int8 structure and the int8 QDQ graph in onnxruntime, the graph checked
   against that JAX model within INT8_TOLERANCE before it is timed."""
   pytest.importorskip('onnxruntime')
-  json_path = tmp_path / 'r.json'
-  assert benchmark.main([
-      '--models', 'RepVGG-A0', '--batch-sizes', '1', '--image-size', '32',
-      '--structures', 'deploy-int8', '--onnx-runtimes', 'onnxruntime',
-      '--onnx-exporters', 'int8', '--threads', '1', '--min-calls', '1',
-      '--min-seconds', '0', '--json', str(json_path)]) == 0
-  records = json.loads(json_path.read_text())
+  records = run_tiny(tmp_path, '--batch-sizes', '1', '--structures', 'deploy-int8',
+                     '--onnx-runtimes', 'onnxruntime', '--onnx-exporters', 'int8')
   assert [(r['structure'], r['framework']) for r in records] == [
       ('deploy-int8', 'jax'), ('onnxruntime int8', 'onnxruntime')]
   assert all(r['images_per_second'] > 0 for r in records)
-  error = capsys.readouterr().err.split('RepVGG-A0 onnxruntime int8: ready in ')[1]
-  error = float(error.split('error vs JAX ')[1].split()[0])
+  error = error_vs_jax(capsys.readouterr().err, 'onnxruntime int8')
   # Not the float model's 1e-5: the int8 graph's one-step rounding flips cascade.
   assert TOLERANCE < error <= onnx_export.INT8_TOLERANCE
 
