@@ -108,10 +108,11 @@ def export_deploy(model: str, num_classes: int, deploy_variables: Any, image_siz
   constants, input ``[batch, image_size, image_size, channels]`` float32 with a symbolic
   batch; of its int8 model where ``int8``, that model and its variables
   (``quantization.int8_model``), is given."""
-  net = create_model(model, num_classes, deploy=True, conv_impl=conv_impl)
-  variables = jax.tree_util.tree_map(jnp.asarray, deploy_variables)
   if int8 is not None:
     net, variables = int8
+  else:
+    net = create_model(model, num_classes, deploy=True, conv_impl=conv_impl)
+    variables = jax.tree_util.tree_map(jnp.asarray, deploy_variables)
   forward = jax.jit(lambda x: net.apply(variables, x))
   batch, = jax.export.symbolic_shape('batch')
   spec = jax.ShapeDtypeStruct((batch, image_size, image_size, channels), jnp.float32)
@@ -138,13 +139,14 @@ def quantize_deploy(run: Mapping[str, Any], deploy_variables: Any, options: Int8
   images = run_data.calibration_images(options.calibration_batches)
   ranges = quantization.calibrate(net, deploy_variables, images, options.method,
                                   options.percentile)
-  log(f'int8: calibrated {len(ranges)} layer inputs ({options.method}) on '
-      f'{sum(len(b) for b in images)} training images of {run_data.dataset}')
+  count = sum(len(batch) for batch in images)
+  log(f'int8: calibrated {len(ranges)} layer inputs ({options.method}) on {count} training '
+      f'images of {run_data.dataset}')
   entry = {'method': options.method, 'keep_float': list(options.keep_float),
            'ranges': {k: float(v) for k, v in sorted(ranges.items())},
            'calibration': {'dataset': run_data.dataset, 'split': 'train',
                            'batches': options.calibration_batches,
-                           'images': sum(len(b) for b in images), 'seed': run_data.seed,
+                           'images': count, 'seed': run_data.seed,
                            'augment': run_data.augment}}
   if options.method == 'percentile':
     entry['percentile'] = options.percentile
