@@ -11,12 +11,12 @@ The preprocessing defaults to the weights' own: for published weights the size a
 fraction their top-1 was measured with (A/B: 224 at 0.875; D2se, L2pse: 320 at 1.0), for a
 run or a variables directory those it was trained and evaluated with; --image-size and
 --crop-fraction override them. An int8 deploy directory (convert.py deploy --quantize int8)
-is evaluated as its int8 model, --float-model as its float one. --deploy evaluates the re-parameterized model of
-training-time weights (deploy weights always run as the deploy model). An image folder's
-file that cannot be read is an error naming it; --skip-unreadable-images leaves such files
-out of the metrics instead (each is logged, and their number printed). All local devices
-are used; over several hosts, start one process per host with --coordinator-address,
---num-processes and --process-id, as train.py. Prints a Markdown table; --json FILE
+is evaluated as its int8 model, --float-model as its float one. --deploy evaluates the
+re-parameterized model of training-time weights (deploy weights always run as the deploy
+model). An image folder's file that cannot be read is an error naming it;
+--skip-unreadable-images leaves such files out of the metrics instead (each is logged, and
+their number printed). All local devices are used; over several hosts, start one process
+per host with --coordinator-address, --num-processes and --process-id, as train.py. Prints a Markdown table; --json FILE
 writes the result. Errors print one line and exit with status 1.
 """
 

@@ -116,8 +116,9 @@ def evaluate_weights(weights: Weights, dataset: str, *, deploy: bool = False,
   """Evaluate ``weights`` on the evaluation split of ``dataset`` (``repvgg_jax.data``'s
   names) at ``image_size``/``crop_fraction`` (default: the weights' own); ``deploy``
   re-parameterizes training-time weights first (deploy weights are evaluated as they
-  are, int8 ones as their int8 model unless ``float_model``); ``skip_unreadable_images`` leaves an image folder's unreadable files out of the
-  metrics (each logged) instead of failing on them. Returns top-1, top-5, loss, the
+  are, int8 ones as their int8 model unless ``float_model``); ``skip_unreadable_images``
+  leaves an image folder's unreadable files out of the metrics (each logged) instead of
+  failing on them. Returns top-1, top-5, loss, the
   number of examples, the number of unreadable files skipped and images/s."""
   deploy = deploy or weights.structure == 'deploy'
   int8 = weights.int8 is not None and not float_model
