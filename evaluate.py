@@ -16,8 +16,9 @@ re-parameterized model of training-time weights (deploy weights always run as th
 model). An image folder's file that cannot be read is an error naming it;
 --skip-unreadable-images leaves such files out of the metrics instead (each is logged, and
 their number printed). All local devices are used; over several hosts, start one process
-per host with --coordinator-address, --num-processes and --process-id, as train.py. Prints a Markdown table; --json FILE
-writes the result. Errors print one line and exit with status 1.
+per host with --coordinator-address, --num-processes and --process-id, as train.py. Prints
+a Markdown table; --json FILE writes the result. Errors print one line and exit with
+status 1.
 """
 
 from __future__ import annotations
