@@ -19,7 +19,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from repvgg_jax import benchmarking, cli, xla_backend
+import jax
+
+from repvgg_jax import benchmarking, cli, native, winograd, xla_backend
 from repvgg_jax.models import DTYPES
 from repvgg_jax.variants import list_models
 
@@ -95,6 +97,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         file=sys.stderr)
   matmul_rate = benchmarking.matmul_tflops(DTYPES[args.dtype])
   structures = args.structures or benchmarking.default_structures(args.dtype)
+  if any(winograd.is_native(s.partition('-')[2]) for s in structures):
+    if jax.default_backend() != 'cpu':
+      return cli.fail('benchmark.py', 'the deploy-*-native structures run on CPU only, not '
+                      f'on {jax.default_backend()}')
+    try:
+      native.library()
+    except native.NativeKernelError as e:
+      return cli.fail('benchmark.py', e)
   records = []
   for name in args.models:
     for batch_size in args.batch_sizes:

@@ -29,7 +29,8 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from repvgg_jax import calibration, checkpoint, cli, conversion, convolution, quantization, torch_io
+from repvgg_jax import (calibration, checkpoint, cli, conversion, convolution, native,
+                        quantization, torch_io)
 from repvgg_jax.variants import list_models
 
 COMMANDS = ('deploy', 'from-torch', 'to-torch')
@@ -146,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
       conv_impl = args.conv_impl
       if conv_impl == 'auto':
-        conv_impl = (convolution.default_conv_impl(args.platforms[0])
+        conv_impl = (convolution.default_conv_impl(args.platforms[0], portable=True)
                      if 'stablehlo' in args.export and len(args.platforms) == 1
                      and not args.quantize else 'xla')
       int8 = None if not args.quantize else conversion.Int8Options(
@@ -157,7 +158,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           args.workdir, args.output, step=args.step, model=args.model, export=args.export,
           conv_impl=conv_impl, overwrite=args.overwrite, platforms=args.platforms, int8=int8)
   except (checkpoint.CheckpointError, conversion.ConversionError,
-          calibration.CalibrationDataError, ValueError, OSError) as e:
+          calibration.CalibrationDataError, native.NativeKernelError, ValueError,
+          OSError) as e:
     return cli.fail('convert.py', e)
   return 0
 

@@ -27,7 +27,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from repvgg_jax import checkpoint, cli, evaluation, xla_backend
+from repvgg_jax import checkpoint, cli, evaluation, native, xla_backend
 from repvgg_jax.training import parallel
 
 
@@ -60,7 +60,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
   parser.add_argument('--batch-size', type=cli.positive_int, default=256,
                       help='global evaluation batch, a multiple of the devices (default: 256)')
   cli.add_conv_impl(parser, help='how the convolutions are computed (repvgg_jax.convolution;'
-                    ' default: xla; Winograd for the deploy model only)')
+                    ' default: xla; Winograd, XLA graph or native CPU kernel, for the '
+                    'deploy model only)')
   cli.add_dtype(parser)
   parser.add_argument('--json', metavar='FILE', help='write the result as JSON')
   parser.add_argument('--coordinator-address', metavar='HOST:PORT',
@@ -86,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         crop_fraction=args.crop_fraction, batch_size=args.batch_size, data_dir=args.data_dir,
         conv_impl=args.conv_impl, dtype=args.dtype,
         skip_unreadable_images=args.skip_unreadable_images, float_model=args.float_model)
-  except (checkpoint.CheckpointError, ValueError, OSError) as e:
+  except (checkpoint.CheckpointError, native.NativeKernelError, ValueError, OSError) as e:
     return cli.fail('evaluate.py', e)
   print(f'| model | weights | structure | dataset | size | crop | top-1 | top-5 | loss | '
         f'images/s |\n|---|---|---|---|---|---|---|---|---|---|\n'

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import convolution, onnx_export, quantization
+from repvgg_jax import convolution, onnx_export, quantization, winograd
 from repvgg_jax.equivalence import TOLERANCE, random_variables, relative_error
 from repvgg_jax.models import DTYPES, count_params, create_model, deploy_macs, exact_forward
 from repvgg_jax.reparam import reparameterize
@@ -37,11 +37,13 @@ from repvgg_jax.torch_io import timm_model_name, to_torch_state_dict
 from repvgg_jax.variants import MIN_IMAGE_SIZE, get_variant
 
 # Deploy-time structures of the JAX model: 'deploy' uses XLA's convolution everywhere,
-# 'deploy-winograd2'/'deploy-winograd4' Winograd for the stride-1 3x3 convs; 'deploy-int8'
-# is its int8 model (quantization.quantized_model, qwix's int8 convolutions; default
-# keep_float) of the same variables, calibrated on random images (``_int8_variables``).
+# 'deploy-<impl>' Winograd implementation <impl> for the stride-1 3x3 convs (e.g.
+# 'deploy-winograd4', 'deploy-winograd4-native'); 'deploy-int8' is its int8 model
+# (quantization.quantized_model, qwix's int8 convolutions; default keep_float) of the same
+# variables, calibrated on random images (``_int8_variables``).
 INT8_STRUCTURE = 'deploy-int8'
-JAX_STRUCTURES = ('train', 'deploy', 'deploy-winograd2', 'deploy-winograd4', INT8_STRUCTURE)
+JAX_STRUCTURES = (('train', 'deploy') + tuple(f'deploy-{impl}' for impl in winograd.IMPLS)
+                  + (INT8_STRUCTURE,))
 # The int8 model's calibration: absmax ranges of the layer inputs on this many batches of
 # two random normal images of the measured size (the inputs it is timed on are such too).
 CALIBRATION_BATCHES = 2
@@ -57,9 +59,11 @@ TORCH_VARIANTS = {
 
 def default_structures(dtype: str) -> tuple[str, ...]:
   """The training-time graph, XLA's deploy graph, and the fastest deploy graph of the
-  default backend when that is another (Winograd on CPU at float32)."""
+  default backend when that is another (Winograd on CPU at float32: the native kernel
+  where it builds, and XLA's graph of it)."""
   fastest = convolution.default_conv_impl(jax.default_backend(), DTYPES[dtype])
-  return ('train', 'deploy') + ((f'deploy-{fastest}',) if fastest != 'xla' else ())
+  fast = dict.fromkeys((winograd.portable(fastest), fastest)) if fastest != 'xla' else {}
+  return ('train', 'deploy') + tuple(f'deploy-{impl}' for impl in fast)
 
 
 @dataclasses.dataclass

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import calibration, checkpoint, convolution, onnx_export, quantization, torch_io
+from repvgg_jax import (calibration, checkpoint, convolution, onnx_export, quantization, torch_io,
+                        winograd)
 from repvgg_jax.equivalence import TOLERANCE, relative_error
 from repvgg_jax.models import check_variables, create_model, exact_forward, num_classes_of
 from repvgg_jax.reparam import reparameterize
@@ -193,7 +194,8 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
       ``'stablehlo'``, ``EXPORT_FILE``; ``'onnx'``, ``ONNX_FILE`` (``onnx_export.to_onnx``
       of the deploy variables, NCHW input, verified in onnxruntime within the same bar).
     conv_impl: the 3x3 conv implementation of the exported forward pass (the stored
-      variables are always ``reparameterize``'s, for every ``conv_impl``).
+      variables are always ``reparameterize``'s, for every ``conv_impl``); not a native
+      one with ``'stablehlo'``.
     overwrite: replace an existing ``output``.
     platforms: platforms lowered into the export.
     int8: also quantize to int8 (see the module docstring); the exports are then the
@@ -212,6 +214,10 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
     raise ValueError(f'unknown export format {unknown[0]!r}; accepted: '
                      f'{", ".join(EXPORT_FORMATS)}')
   convolution.check_conv_impl(conv_impl, deploy=True)
+  if 'stablehlo' in exports and winograd.is_native(conv_impl):
+    raise ValueError(f'conv_impl {conv_impl!r} calls a kernel compiled on this machine, '
+                     'which a StableHLO export cannot carry; export '
+                     f'{winograd.portable(conv_impl)!r} (the same arithmetic as XLA ops)')
   if int8 is not None and conv_impl != 'xla':
     raise ValueError(f'the int8 model computes with XLA\'s (integer) convolutions: '
                      f'conv_impl {conv_impl!r} does not apply to it; use xla')
@@ -327,8 +333,9 @@ def load_deploy(directory: str, conv_impl: str = 'auto', dtype: Any = jnp.float3
   says): its int8 model where the directory holds one (``convert.py --quantize int8``)
   unless ``int8=False``. ``conv_impl='auto'`` picks the fastest measured implementation
   of the float model for the default backend (``convolution.default_conv_impl``: Winograd
-  F(4x4) on CPU at float32, XLA's convolution elsewhere; on CPU also start JAX with
-  ``xla_backend.CPU_FAST_FLAGS``); the int8 model computes with XLA's convolutions.
+  F(4x4) on CPU at float32, in the native kernel where it builds, XLA's convolution
+  elsewhere; on CPU also start JAX with ``xla_backend.CPU_FAST_FLAGS``); the int8 model
+  computes with XLA's convolutions.
   """
   variables, metadata = checkpoint.load_variables(directory)
   if metadata.get('structure') != 'deploy':

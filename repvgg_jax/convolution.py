@@ -10,7 +10,10 @@ its kernels transformed:
   pixels as one matmul each, XLA's convolution elsewhere; both structures. A CPU
   work-around (``conv_by_patches``), used to train at 28-32 pixels on CPU.
 - ``'winograd2'``, ``'winograd4'``: the deploy structure only; its stride-1 3x3 convs by
-  Winograd F(2x2,3x3) / F(4x4,3x3) (``winograd.py``), the fastest on CPU at float32.
+  Winograd F(2x2,3x3) / F(4x4,3x3) (``winograd.py``) as XLA graphs.
+- ``'winograd2-native'``, ``'winograd4-native'``: the same in the project's compiled CPU
+  kernel (``native.py``): the fastest on CPU at float32, built on first use (a C++
+  compiler is needed); CPU and float32 only, and not for ``jax.export``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from repvgg_jax import winograd
+from repvgg_jax import native, winograd
 
 CONV_IMPLS = ('xla', 'patches') + winograd.IMPLS
 # conv_impl='patches' computes the convs with an output map up to this size by im2col.
@@ -41,15 +44,20 @@ def check_conv_impl(conv_impl: str, deploy: bool) -> None:
                      f'{", ".join(accepted)} (Winograd only with deploy=True)')
 
 
-def default_conv_impl(platform: str, dtype: Any = jnp.float32) -> str:
+def default_conv_impl(platform: str, dtype: Any = jnp.float32, portable: bool = False) -> str:
   """The fastest measured conv implementation of the deploy model on ``platform``.
 
-  On CPU at float32, F(4x4,3x3): 1.6-2x faster than XLA's convolution for the RepVGG
-  layers with 96 or more channels and level at 48 (docs/benchmarks.md), with a logits
-  error of ~5e-7 relative to the training-time model. Elsewhere (and in reduced
-  precision, where the larger F(4x4) transforms cost accuracy) XLA's own convolution.
+  On CPU at float32, Winograd F(4x4,3x3), with a logits error of ~5e-7 relative to the
+  training-time model: in the native CPU kernel where it builds here (RepVGG-A0 at 224,
+  batch 1: 1.6x XLA's convolution, docs/benchmarks.md), else as an XLA graph (1.6-2x
+  faster than XLA's convolution for the layers with 96 or more channels at batch 8, level
+  at 48). ``portable=True`` leaves out the native kernel, for graphs that ``jax.export``
+  serializes. Elsewhere (and in reduced precision, where the larger F(4x4) transforms
+  cost accuracy) XLA's own convolution.
   """
-  return 'winograd4' if platform == 'cpu' and jnp.dtype(dtype) == jnp.float32 else 'xla'
+  if platform != 'cpu' or jnp.dtype(dtype) != jnp.float32:
+    return 'xla'
+  return 'winograd4' if portable or not native.available() else 'winograd4-native'
 
 
 # Flax's default for convolution kernels (variance 1/fan_in); training scales it with the
@@ -88,8 +96,8 @@ def conv_layer(conv_impl: str = 'xla', *, dtype: Any = jnp.float32, precision: A
 def transform_kernels(variables: Mapping[str, Any], model: str,
                       conv_impl: str) -> dict[str, Any]:
   """The deploy variables of ``model`` (``rv.reparameterize``'s) as a deploy model built
-  with ``conv_impl`` wants them: Winograd-domain kernels for ``'winograd2'``/
-  ``'winograd4'`` (``winograd.transform_kernels``), the tree unchanged otherwise."""
+  with ``conv_impl`` wants them: Winograd-domain kernels for the Winograd implementations
+  (``winograd.transform_kernels``), the tree unchanged otherwise."""
   check_conv_impl(conv_impl, deploy=True)
   if conv_impl in winograd.IMPLS:
     return winograd.transform_kernels(variables, model, conv_impl)

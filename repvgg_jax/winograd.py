@@ -20,6 +20,12 @@ modules here)::
 ``transform_kernels`` keeps the tree structure (``reparam_conv/{kernel, bias}``) and
 replaces the kernel of every stride-1 3x3 conv by its Winograd-domain kernel, shape
 ``(m+2, m+2, in/groups, out)``; stride-2 convs (and everything else) are unchanged.
+
+``'winograd2-native'``/``'winograd4-native'`` compute the same F(2x2)/F(4x4) in the
+project's compiled CPU kernel (``native.py``), one custom call per conv with the bias
+added in it; their kernels are packed for it (``native.pack_kernel``, shape
+``((m+2)^2, in * out_pad)``). Grouped convs keep the XLA graph and its kernels. The
+native kernel runs on CPU at float32 only, and a ``jax.export`` artifact cannot carry it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from repvgg_jax import native
 from repvgg_jax.variants import get_variant, layer_specs
 
 # (B^T, G, A^T) of F(m x m, 3x3) with the interpolation points of Lavin & Gray.
@@ -51,24 +58,45 @@ _TRANSFORMS = {
 }
 
 
-# The Winograd implementations, by their ``conv_impl`` names.
-IMPLS = tuple(_TRANSFORMS)
+NATIVE_SUFFIX = '-native'
+# The Winograd implementations, by their ``conv_impl`` names: XLA graphs, then the same
+# algorithms in the native CPU kernel.
+IMPLS = tuple(_TRANSFORMS) + tuple(f'{impl}{NATIVE_SUFFIX}' for impl in _TRANSFORMS)
 
 
 def _check_impl(conv_impl: str) -> None:
-  if conv_impl not in _TRANSFORMS:
+  if conv_impl not in IMPLS:
     raise ValueError(f'conv_impl {conv_impl!r}: the Winograd implementations are '
                      f'{", ".join(IMPLS)}')
+
+
+def is_native(conv_impl: str) -> bool:
+  """Whether ``conv_impl`` runs the native CPU kernel (``'winograd4-native'``)."""
+  return conv_impl in IMPLS and conv_impl.endswith(NATIVE_SUFFIX)
+
+
+def portable(conv_impl: str) -> str:
+  """The implementation computing the same as ``conv_impl`` as an XLA graph, which any
+  platform runs and a ``jax.export`` artifact carries (``'winograd4-native'`` ->
+  ``'winograd4'``; any other ``conv_impl`` is returned as it is)."""
+  return conv_impl.removesuffix(NATIVE_SUFFIX) if is_native(conv_impl) else conv_impl
 
 
 def output_tile(conv_impl: str) -> int:
   """``m``: the side of the output tile of ``conv_impl`` ('winograd2' -> 2)."""
   _check_impl(conv_impl)
-  return len(_TRANSFORMS[conv_impl][2])
+  return len(_TRANSFORMS[portable(conv_impl)][2])
 
 
-def transform_kernel(kernel: jax.Array, conv_impl: str) -> jax.Array:
-  """``G g G^T`` of an HWIO 3x3 kernel: shape ``(m+2, m+2, in/groups, out)``.
+def _native_layer(conv_impl: str, groups: int) -> bool:
+  """Whether the native kernel computes this layer: grouped convs keep the XLA graph."""
+  return is_native(conv_impl) and groups == 1
+
+
+def transform_kernel(kernel: jax.Array, conv_impl: str, groups: int = 1) -> jax.Array:
+  """``G g G^T`` of an HWIO 3x3 kernel: shape ``(m+2, m+2, in/groups, out)``; for a
+  native ``conv_impl`` with ``groups=1``, packed for the native kernel
+  (``native.pack_kernel``).
 
   Computed in float64 by numpy when the kernel is concrete, so the transform itself adds
   no rounding beyond the final cast to the kernel's dtype.
@@ -76,6 +104,11 @@ def transform_kernel(kernel: jax.Array, conv_impl: str) -> jax.Array:
   _check_impl(conv_impl)
   if jnp.shape(kernel)[:2] != (3, 3) or jnp.ndim(kernel) != 4:
     raise ValueError(f'Winograd needs a 3x3 HWIO kernel, got shape {jnp.shape(kernel)}')
+  transformed = _transform(kernel, portable(conv_impl))
+  return native.pack_kernel(transformed) if _native_layer(conv_impl, groups) else transformed
+
+
+def _transform(kernel: jax.Array, conv_impl: str) -> jax.Array:
   g = np.asarray(_TRANSFORMS[conv_impl][1], np.float64)
   if isinstance(kernel, jax.core.Tracer):
     return jnp.einsum('ik,klco,jl->ijco', g.astype(kernel.dtype), kernel, g.astype(kernel.dtype))
@@ -95,7 +128,7 @@ def transform_kernels(variables: Mapping[str, Any], model: str,
   Args:
     variables: ``{'params': ...}`` of the deploy model, e.g. ``rv.reparameterize(...)``.
     model: the model name, e.g. ``'RepVGG-A0'``.
-    conv_impl: ``'winograd2'`` or ``'winograd4'``.
+    conv_impl: one of ``IMPLS``.
   """
   _check_impl(conv_impl)
   params = variables.get('params') if isinstance(variables, Mapping) else None
@@ -113,7 +146,7 @@ def transform_kernels(variables: Mapping[str, Any], model: str,
                        f'deploy variables of {model} (the output of rv.reparameterize)')
     conv = block['reparam_conv']
     params[name] = {**block, 'reparam_conv': {
-        **conv, 'kernel': transform_kernel(conv['kernel'], conv_impl)}}
+        **conv, 'kernel': transform_kernel(conv['kernel'], conv_impl, spec.groups)}}
   return {**variables, 'params': params}
 
 
@@ -129,7 +162,7 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, conv_impl: str, groups: in
   """
   m = output_tile(conv_impl)
   a = m + 2
-  bt, _, at = (np.asarray(t, np.float32) for t in _TRANSFORMS[conv_impl])
+  bt, _, at = (np.asarray(t, np.float32) for t in _TRANSFORMS[portable(conv_impl)])
   if kernel.shape[:2] != (a, a):
     raise ValueError(f'{conv_impl} needs a ({a}, {a}, in/groups, out) kernel from '
                      f'transform_kernel, got shape {kernel.shape}')
@@ -174,8 +207,9 @@ def _combine(matrix: np.ndarray, part: Callable[[int], jax.Array], axis: int) ->
 class WinogradConv3x3(nn.Module):
   """A biased stride-1 3x3 conv (padding 1) holding its kernel in the Winograd domain.
 
-  Parameters ``kernel`` (``(m+2, m+2, in/groups, out)``, see ``transform_kernel``) and
-  ``bias`` (``(out,)``): the same names as the ``nn.Conv`` it replaces.
+  Parameters ``kernel`` (``(m+2, m+2, in/groups, out)``, or packed for the native kernel:
+  see ``transform_kernel``) and ``bias`` (``(out,)``): the names of the ``nn.Conv`` it
+  replaces.
   """
   features: int
   conv_impl: str
@@ -185,19 +219,23 @@ class WinogradConv3x3(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    a = output_tile(self.conv_impl) + 2
     in_per_group = x.shape[-1] // self.groups
+    on_native = _native_layer(self.conv_impl, self.groups)
 
     def init_kernel(key: jax.Array) -> jax.Array:
       spatial = nn.initializers.lecun_normal()(key, (3, 3, in_per_group, self.features))
-      return transform_kernel(spatial, self.conv_impl)
+      return transform_kernel(spatial, self.conv_impl, self.groups)
 
+    # Flax refuses a kernel of another shape than init_kernel's, naming both shapes: the
+    # other Winograd implementations' kernels, or untransformed ones.
     kernel = self.param('kernel', init_kernel)
-    if kernel.shape != (a, a, in_per_group, self.features):
-      raise ValueError(f'{self.conv_impl} kernel must have shape '
-                       f'{(a, a, in_per_group, self.features)} (transform_kernels of the '
-                       f'deploy variables), got {kernel.shape}')
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    if on_native:
+      if jnp.dtype(self.dtype) != jnp.float32:
+        raise ValueError(f'conv_impl {self.conv_impl!r} computes in float32 (the native '
+                         f'CPU kernel), not {jnp.dtype(self.dtype).name}; use '
+                         f'{portable(self.conv_impl)!r} or xla')
+      return native.winograd_conv3x3(x.astype(jnp.float32), kernel, bias)
     x = x.astype(self.dtype)
     y = winograd_conv3x3(x, kernel.astype(self.dtype), self.conv_impl, self.groups,
                          self.precision)

@@ -391,3 +391,11 @@ def test_int8_refuses_a_winograd_export(run, tmp_path, capsys):
                        *INT8_ARGS, '--conv-impl', 'winograd4']) == 1
   assert "conv_impl 'winograd4' does not apply" in capsys.readouterr().err
   assert os.listdir(tmp_path) == []
+
+
+def test_a_stablehlo_export_refuses_the_native_kernel(run, tmp_path, capsys):
+  workdir, _ = run
+  assert convert.main(['deploy', '--workdir', workdir, '--output', str(tmp_path / 'o'),
+                       '--export', 'stablehlo', '--conv-impl', 'winograd4-native']) == 1
+  assert "export 'winograd4' (the same arithmetic" in capsys.readouterr().err
+  assert os.listdir(tmp_path) == []

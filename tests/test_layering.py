@@ -12,7 +12,8 @@ PACKAGE = ROOT / 'repvgg_jax'
 # Dependency order, lowest first: a module may import modules of earlier layers only
 # (modules of one layer do not import each other).
 LAYERS = [
-    ['variants', 'equivalence', 'autoaugment', 'xla_backend', 'data.pool', 'data.decoding'],
+    ['variants', 'equivalence', 'autoaugment', 'xla_backend', 'native', 'data.pool',
+     'data.decoding'],
     ['winograd', 'checkpoint', 'randaugment', 'data.info'],
     ['convolution', 'data.randomness', 'data.prefetch'],
     ['blocks', 'data.transforms', 'data.batching'],
