@@ -1,7 +1,7 @@
 """Inference speed of RepVGG: training-time vs deploy graph in JAX, PyTorch alongside.
 
   python benchmark.py --models RepVGG-A0,RepVGG-B0 --batch-sizes 1,8,32 --dtype float32 \\
-      --image-size 224 [--structures deploy,deploy-winograd4,deploy-int8] [--torch] \\
+      --image-size 224 [--structures deploy,deploy-winograd4-native,deploy-int8] [--torch] \\
       [--onnx-runtimes onnxruntime,openvino [--onnx-exporters jax,torch,int8]] \\
       [--json results.json] [--plot results.png]
 
@@ -36,7 +36,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
   parser.add_argument('--structures', type=cli.choices(benchmarking.JAX_STRUCTURES),
                       help='JAX graphs, comma-separated from: '
                       f'{", ".join(benchmarking.JAX_STRUCTURES)} (default: train,deploy, and '
-                      'deploy-winograd4 on CPU at float32)')
+                      'on CPU at float32 deploy-winograd4 and, where it compiles, '
+                      'deploy-winograd4-native)')
   parser.add_argument('--torch', action='store_true',
                       help='also measure timm\'s models in PyTorch (needs torch and timm)')
   parser.add_argument('--torch-variants', type=cli.choices(tuple(benchmarking.TORCH_VARIANTS)),

@@ -72,8 +72,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                     extra_names=('--conv',),
                     help='3x3 conv of the exported deploy model: XLA\'s, matmuls for maps '
                     'of <= 4 pixels (patches), or Winograd for the stride-1 layers (checked '
-                    'against the 1e-5 bar too); auto (default): winograd4 for a CPU-only '
-                    'export, xla otherwise')
+                    'against the 1e-5 bar too; a -native one not with --export stablehlo); auto '
+                    '(default): winograd4 for a CPU-only export, xla otherwise')
   deploy.add_argument('--platforms', type=cli.choices(conversion.KNOWN_PLATFORMS),
                       default=list(conversion.EXPORT_PLATFORMS),
                       help='platforms lowered into the export, comma-separated (default: '

@@ -60,8 +60,9 @@ class RepVGG(nn.Module):
       averaged (the ``axis_name`` of ``jax.pmap``/``shard_map``), None for local.
     conv_impl: how convolutions are computed, one of ``convolution.CONV_IMPLS``:
       ``'xla'``; ``'patches'`` (matmuls on tiny maps, for CPU training); deploy only,
-      ``'winograd2'``/``'winograd4'`` for the stride-1 convs, whose variables come from
-      ``convolution.transform_kernels``.
+      Winograd for the stride-1 convs (``'winograd2'``/``'winograd4'`` as XLA graphs,
+      ``'winograd2-native'``/``'winograd4-native'`` in the native CPU kernel), whose
+      variables come from ``convolution.transform_kernels``.
     kernel_init: initializer of the training-time conv kernels (Flax's LeCun normal).
     block: the training-time block, ``'repvgg'`` (``blocks.RepVGGBlock``) or
       ``'qarepvgg'`` (``blocks.QARepVGGBlock``, quantization-friendly); both fold into

@@ -29,7 +29,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 SOURCE = pathlib.Path(__file__).parent / 'kernels' / 'winograd_cpu.cc'
 FFI_TARGET = 'repvgg_winograd_conv3x3'
@@ -78,31 +77,46 @@ def pack_kernel(transformed: Any) -> jax.Array:
 
   For each position, the out channels are zero-padded to ``out_pad`` (a multiple of
   ``lanes()``) and cut into panels of ``panel_width()``; each panel is stored as a
-  contiguous ``[in, width]`` block, in order. A concrete kernel is packed by numpy, a
-  traced one (inside jit) by jax.numpy.
+  contiguous ``[in, width]`` block, in order. Runs on traced kernels too (Flax's init).
   """
   a, a2, cin, cout = jnp.shape(transformed)
   if a != a2 or a not in (4, 6):
     raise ValueError(f'pack_kernel needs a (4|6, 4|6, in, out) Winograd-domain kernel, got '
                      f'shape {jnp.shape(transformed)}')
-  xp = jnp if isinstance(transformed, jax.core.Tracer) else np
   out_pad = -(-cout // lanes()) * lanes()
   width = panel_width()
-  k = xp.reshape(xp.asarray(transformed), (a * a, cin, cout))
-  k = xp.pad(k, ((0, 0), (0, 0), (0, out_pad - cout)))
-  panels = [xp.reshape(k[:, :, n0:n0 + width], (a * a, -1)) for n0 in range(0, out_pad, width)]
-  return jnp.asarray(xp.concatenate(panels, axis=1))
+  k = jnp.reshape(jnp.asarray(transformed), (a * a, cin, cout))
+  k = jnp.pad(k, ((0, 0), (0, 0), (0, out_pad - cout)))
+  return jnp.concatenate([k[:, :, n0:n0 + width].reshape(a * a, -1)
+                          for n0 in range(0, out_pad, width)], axis=1)
+
+
+def unpack_kernel(packed: jax.Array, cout: int) -> jax.Array:
+  """The ``(m+2, m+2, in, out)`` Winograd-domain kernel that ``pack_kernel`` packed into
+  ``packed`` (jax.numpy: it also runs on traced kernels)."""
+  positions, size = packed.shape
+  a = round(positions ** 0.5)
+  out_pad = -(-cout // lanes()) * lanes()
+  cin = size // out_pad
+  panels, offset = [], 0
+  for n0 in range(0, out_pad, panel_width()):
+    width = min(panel_width(), out_pad - n0)
+    panels.append(packed[:, offset:offset + cin * width].reshape(positions, cin, width))
+    offset += cin * width
+  return jnp.concatenate(panels, axis=2)[:, :, :cout].reshape(a, a, cin, cout)
 
 
 def winograd_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   """Stride-1, padding-1 3x3 conv of NHWC float32 ``x`` plus ``bias``, with a
-  ``pack_kernel`` kernel: F(2x2,3x3) for 16 positions, F(4x4,3x3) for 36."""
+  ``pack_kernel`` kernel: F(2x2,3x3) for 16 positions, F(4x4,3x3) for 36. Under
+  ``jax.vmap`` it runs once per mapped element; it has no derivative of its own
+  (``winograd.WinogradConv3x3`` gives it the XLA graph's)."""
   library()
   if x.dtype != jnp.float32 or kernel.dtype != jnp.float32 or bias.dtype != jnp.float32:
     raise ValueError(f'the native Winograd kernel computes in float32, got x {x.dtype}, '
                      f'kernel {kernel.dtype}, bias {bias.dtype}')
   out = jax.ShapeDtypeStruct(x.shape[:3] + bias.shape, x.dtype)
-  return jax.ffi.ffi_call(FFI_TARGET, out)(x, kernel, bias)
+  return jax.ffi.ffi_call(FFI_TARGET, out, vmap_method='sequential')(x, kernel, bias)
 
 
 def _build() -> pathlib.Path:

@@ -30,6 +30,7 @@ native kernel runs on CPU at float32 only, and a ``jax.export`` artifact cannot 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -156,8 +157,9 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, conv_impl: str, groups: in
 
   Args:
     x: ``[N, H, W, C]``.
-    kernel: ``transform_kernel(k, conv_impl)``, shape ``(m+2, m+2, C/groups, out)``.
-    conv_impl: 'winograd2' or 'winograd4'.
+    kernel: ``transform_kernel(k, conv_impl, groups)`` unpacked, shape
+      ``(m+2, m+2, C/groups, out)``.
+    conv_impl: one of ``IMPLS``; this is the XLA graph of its algorithm.
     groups: feature groups, as in ``lax.conv_general_dilated``.
   """
   m = output_tile(conv_impl)
@@ -204,6 +206,31 @@ def _combine(matrix: np.ndarray, part: Callable[[int], jax.Array], axis: int) ->
   return jnp.stack(combined, axis=axis)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _native_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                    conv_impl: str) -> jax.Array:
+  """``native.winograd_conv3x3``, differentiable: its derivative is that of the XLA graph
+  of the same algorithm (the deploy model stays usable for saliency maps, attacks, ...)."""
+  del conv_impl  # the packed kernel's shape says which F(m x m)
+  return native.winograd_conv3x3(x, kernel, bias)
+
+
+def _native_conv3x3_forward(x, kernel, bias, conv_impl):
+  return _native_conv3x3(x, kernel, bias, conv_impl), (x, kernel)
+
+
+def _native_conv3x3_backward(conv_impl, residuals, output_cotangent):
+  x, kernel = residuals
+  unpacked = native.unpack_kernel(kernel, output_cotangent.shape[-1])
+  _, vjp = jax.vjp(lambda x, k: winograd_conv3x3(x, k, conv_impl), x, unpacked)
+  x_cotangent, kernel_cotangent = vjp(output_cotangent)
+  return (x_cotangent, native.pack_kernel(kernel_cotangent),
+          jnp.sum(output_cotangent, axis=(0, 1, 2)))
+
+
+_native_conv3x3.defvjp(_native_conv3x3_forward, _native_conv3x3_backward)
+
+
 class WinogradConv3x3(nn.Module):
   """A biased stride-1 3x3 conv (padding 1) holding its kernel in the Winograd domain.
 
@@ -235,7 +262,7 @@ class WinogradConv3x3(nn.Module):
         raise ValueError(f'conv_impl {self.conv_impl!r} computes in float32 (the native '
                          f'CPU kernel), not {jnp.dtype(self.dtype).name}; use '
                          f'{portable(self.conv_impl)!r} or xla')
-      return native.winograd_conv3x3(x.astype(jnp.float32), kernel, bias)
+      return _native_conv3x3(x.astype(jnp.float32), kernel, bias, self.conv_impl)
     x = x.astype(self.dtype)
     y = winograd_conv3x3(x, kernel.astype(self.dtype), self.conv_impl, self.groups,
                          self.precision)

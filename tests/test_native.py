@@ -22,7 +22,8 @@ def xla_conv(x, kernel, groups=1):
     # Odd sizes leave partial tiles; 5 in channels fill no whole vector; 72 out channels
     # leave a narrow last kernel panel; 2 x 5 x 6 tiles, rows of tiles in partial blocks.
     ('winograd2-native', (2, 7, 10, 5), 20), ('winograd4-native', (1, 9, 13, 24), 72),
-    ('winograd4-native', (3, 20, 22, 16), 16)])
+    # 1024 tiles: more than one chunk of the kernel's 4 MiB buffers, the last one partial.
+    ('winograd4-native', (4, 64, 62, 16), 16)])
 def test_equals_a_padded_stride1_convolution_plus_bias(conv_impl, shape, out):
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, shape[-1], out))
@@ -32,13 +33,6 @@ def test_equals_a_padded_stride1_convolution_plus_bias(conv_impl, shape, out):
   assert packed.shape == (positions, shape[-1] * -(-out // native.lanes()) * native.lanes())
   got = jax.jit(native.winograd_conv3x3)(x, packed, bias)
   assert relative_error(got, xla_conv(x, kernel) + bias) < 2e-6
-
-
-def test_a_traced_kernel_is_packed_as_a_concrete_one():
-  # Flax's init runs under jit: the kernel is packed by jax.numpy there, by numpy here.
-  transformed = jax.random.normal(jax.random.PRNGKey(0), (6, 6, 8, 40))
-  np.testing.assert_array_equal(jax.jit(native.pack_kernel)(transformed),
-                                native.pack_kernel(transformed))
 
 
 def test_a_grouped_conv_keeps_the_xla_graph_and_its_kernel():
@@ -84,3 +78,33 @@ def test_a_missing_compiler_is_one_clear_error(tmp_path, monkeypatch):
   with pytest.raises(native.NativeKernelError, match=r'needs a C\+\+17 compiler .*winograd4'):
     native._build()  # pylint: disable=protected-access
   assert not list((tmp_path / 'cache').rglob('*.so'))
+
+
+def test_unpack_kernel_inverts_pack_kernel():
+  transformed = jax.random.normal(jax.random.PRNGKey(0), (6, 6, 8, 72))
+  np.testing.assert_array_equal(
+      native.unpack_kernel(native.pack_kernel(transformed), 72), transformed)
+
+
+def test_gradients_and_vmap_are_those_of_the_xla_graph():
+  # The native kernel has no derivative of its own: the module gives it the XLA graph's.
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 1, 7, 9, 8))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 8, 20))
+  bias = jax.random.normal(jax.random.PRNGKey(2), (20,))
+  variables = {}
+  for conv_impl in ('winograd4', 'winograd4-native'):
+    variables[conv_impl] = {'params': {
+        'kernel': winograd.transform_kernel(kernel, conv_impl), 'bias': bias}}
+  # Linear in the output, so that the gradients do not depend on the forward values.
+  cotangent = jax.random.normal(jax.random.PRNGKey(3), (1, 7, 9, 20))
+  def loss(params, x, conv_impl):
+    y = winograd.WinogradConv3x3(20, conv_impl).apply({'params': params}, x)
+    return jnp.sum(y * cotangent)
+  grads = {c: jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(
+      v['params'], x[0], c) for c, v in variables.items()}
+  (native_params, native_x), (xla_params, xla_x) = grads['winograd4-native'], grads['winograd4']
+  assert relative_error(native_x, xla_x) < 1e-6
+  assert relative_error(native_params['bias'], xla_params['bias']) < 1e-6
+  assert relative_error(native_params['kernel'], native.pack_kernel(xla_params['kernel'])) < 1e-6
+  apply = lambda c: jax.vmap(lambda xi: winograd.WinogradConv3x3(20, c).apply(variables[c], xi))
+  assert relative_error(jax.jit(apply('winograd4-native'))(x), apply('winograd4')(x)) < 1e-6

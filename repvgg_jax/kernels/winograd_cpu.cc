@@ -235,7 +235,8 @@ void OutputTransform(const Shape& s, const Chunk& chunk, const float* prod, cons
     Vec pm[A][A];
     for (int i = 0; i < A; ++i)
       for (int j = 0; j < A; ++j)
-        pm[i][j] = Load(prod + (i * A + j) * chunk.prod_stride + (t - chunk.first) * s.out_pad + c0);
+        pm[i][j] = Load(prod + (i * A + j) * chunk.prod_stride +
+                        (t - chunk.first) * s.out_pad + c0);
     Vec ap[M][A];
     MultiplyLeft(T::AT, pm, ap);
     const Vec b = lanes == kLanes ? Load(bias + c0) : LoadPart(bias + c0, lanes);
@@ -286,10 +287,12 @@ ffi::Error WinogradConv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const auto xd = x.dimensions(), kd = kernel.dimensions(), bd = bias.dimensions();
   if (xd.size() != 4 || kd.size() != 2 || bd.size() != 1)
     return ffi::Error::InvalidArgument(
-        "repvgg_winograd_conv3x3: expected x [N, H, W, C], kernel [(m+2)^2, C * out_pad], bias [out]");
+        "repvgg_winograd_conv3x3: expected x [N, H, W, C], kernel [(m+2)^2, C * out_pad], "
+        "bias [out]");
   const int m = kd[0] == 16 ? 2 : kd[0] == 36 ? 4 : 0;
   if (m == 0)
-    return ffi::Error::InvalidArgument("repvgg_winograd_conv3x3: the kernel needs 16 or 36 positions");
+    return ffi::Error::InvalidArgument(
+        "repvgg_winograd_conv3x3: the kernel needs 16 or 36 positions");
   Shape s;
   s.n = xd[0], s.h = xd[1], s.w = xd[2], s.in = xd[3], s.out = bd[0];
   s.th = (s.h + m - 1) / m, s.tw = (s.w + m - 1) / m, s.tiles = s.n * s.th * s.tw;
