@@ -8,10 +8,11 @@ idle and re-reads its intermediates, and XLA:CPU's convolution runs below the ON
 runtimes (docs/benchmarks.md, "Batch 1 on CPU").
 
 The kernel is compiled on first use with the machine's C++ compiler (``$CXX``, else
-``c++``) for the machine's own instruction set (``-march=native``) against the FFI
-headers of the installed jaxlib, into ``$REPVGG_JAX_CACHE`` (default
-``~/.cache/repvgg_jax``), keyed by source, jaxlib, compiler and CPU, and loaded from
-there afterwards. CPU only, float32 only.
+``c++``) for the machine's own instruction set (``-march=native``; ``$CXXFLAGS`` come
+after, e.g. ``-march=x86-64-v3`` for a cluster of mixed CPUs) against the FFI headers of
+the installed jaxlib, into ``$REPVGG_JAX_CACHE`` (default ``~/.cache/repvgg_jax``), keyed
+by the source, the jax version, the compiler command and the CPU, and loaded from there
+afterwards. CPU only, float32 only.
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def library() -> ctypes.CDLL:
   return lib
 
 
+@functools.cache
 def available() -> bool:
-  """Whether the native kernel builds and loads here (it is built if it was not)."""
+  """Whether the native kernel builds and loads here (it is built if it was not); the
+  answer is kept for the process, so a failing build is tried once."""
   try:
     library()
   except NativeKernelError:
@@ -78,6 +81,8 @@ def pack_kernel(transformed: Any) -> jax.Array:
   For each position, the out channels are zero-padded to ``out_pad`` (a multiple of
   ``lanes()``) and cut into panels of ``panel_width()``; each panel is stored as a
   contiguous ``[in, width]`` block, in order. Runs on traced kernels too (Flax's init).
+  The layout is this machine's build's (AVX-512 and AVX2 differ): store the
+  ``reparameterize`` variables, and pack them where they run.
   """
   a, a2, cin, cout = jnp.shape(transformed)
   if a != a2 or a not in (4, 6):
@@ -121,28 +126,30 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Ar
 
 def _build() -> pathlib.Path:
   """Compile ``SOURCE`` into the cache unless it is there; its path."""
-  cxx = shlex.split(os.environ.get('CXX', 'c++'))
-  include = jax.ffi.include_dir()
-  source = SOURCE.read_bytes()
-  key = hashlib.sha256(b'\0'.join([
-      source, jax.__version__.encode(), ' '.join(cxx + list(CXX_FLAGS)).encode(),
-      _cpu_signature().encode()])).hexdigest()[:16]
-  cache = pathlib.Path(os.environ.get('REPVGG_JAX_CACHE',
-                                      pathlib.Path.home() / '.cache' / 'repvgg_jax'))
-  path = cache / 'native' / key / 'libwinograd_cpu.so'
-  if path.exists():
-    return path
+  command = (shlex.split(os.environ.get('CXX', 'c++')) + list(CXX_FLAGS)
+             + shlex.split(os.environ.get('CXXFLAGS', '')))
   try:
+    key = hashlib.sha256(b'\0'.join([
+        SOURCE.read_bytes(), jax.__version__.encode(), ' '.join(command).encode(),
+        _cpu_signature().encode()])).hexdigest()[:16]
+    cache = pathlib.Path(os.environ.get('REPVGG_JAX_CACHE',
+                                        pathlib.Path.home() / '.cache' / 'repvgg_jax'))
+    path = cache / 'native' / key / 'libwinograd_cpu.so'
+    if path.exists():
+      return path
     path.parent.mkdir(parents=True, exist_ok=True)
     # Compiled to a temporary name and renamed: a concurrent build or an interrupted one
     # never leaves a half-written library under the final name.
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
       built = pathlib.Path(tmp) / path.name
-      _compile(cxx + list(CXX_FLAGS) + ['-I', include, str(SOURCE), '-o', str(built)])
+      _compile(command + ['-I', jax.ffi.include_dir(), str(SOURCE), '-o', str(built)])
       os.replace(built, path)
-  except OSError as e:
-    raise NativeKernelError(f'cannot write the native kernel into {path.parent} ({e}); set '
-                            'REPVGG_JAX_CACHE to a writable directory') from e
+  except NativeKernelError:
+    raise
+  except (OSError, RuntimeError) as e:  # the cache, the source, jaxlib's headers
+    raise NativeKernelError(f'building the native Winograd kernel failed: {e} (the cache '
+                            'directory is $REPVGG_JAX_CACHE; the XLA Winograd graph '
+                            "'winograd4' needs no build)") from e
   return path
 
 
@@ -154,7 +161,8 @@ def _compile(command: list[str]) -> None:
                             f'{e.strerror}); set CXX, or use the XLA Winograd graph '
                             "('winograd4')") from e
   if result.returncode != 0:
-    errors = [l for l in result.stderr.splitlines() if 'error' in l] or [result.stderr[-300:]]
+    errors = ([l for l in result.stderr.splitlines() if 'error' in l]
+              or [result.stderr.strip()[-300:] or f'exit status {result.returncode}'])
     raise NativeKernelError(f'compiling the native Winograd kernel failed '
                             f'({" ".join(command)}): {errors[0].strip()}')
 

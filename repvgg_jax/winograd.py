@@ -253,8 +253,15 @@ class WinogradConv3x3(nn.Module):
       spatial = nn.initializers.lecun_normal()(key, (3, 3, in_per_group, self.features))
       return transform_kernel(spatial, self.conv_impl, self.groups)
 
-    # Flax refuses a kernel of another shape than init_kernel's, naming both shapes: the
-    # other Winograd implementations' kernels, or untransformed ones.
+    if self.has_variable('params', 'kernel'):
+      # Flax would refuse another shape too, but without saying where the right one
+      # comes from (untransformed kernels, another Winograd implementation's).
+      expected = jax.eval_shape(init_kernel, jax.random.PRNGKey(0)).shape
+      got = jnp.shape(self.get_variable('params', 'kernel'))
+      if got != expected:
+        raise ValueError(f'{self.conv_impl} kernel must have shape {expected} '
+                         f'(convolution.transform_kernels of the deploy variables for '
+                         f'{self.conv_impl!r}), got {got}')
     kernel = self.param('kernel', init_kernel)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
     if on_native:

@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax.errors import ScopeParamShapeError
 
 import repvgg_jax as rv
 from repvgg_jax import native, winograd
@@ -64,12 +63,21 @@ def test_the_wrong_kernels_or_dtype_are_refused():
   deploy_vars = rv.reparameterize(random_variables(rv.create_model(name, 10), x))
   model = rv.create_model(name, 10, deploy=True, conv_impl='winograd4-native')
   # The XLA graph's (6, 6, in, out) kernels are not the packed ones.
-  with pytest.raises(ScopeParamShapeError, match=r'kernel.*shape \(36, 2304\).*\(6, 6, 48, 48\)'):
+  with pytest.raises(ValueError, match=r"winograd4-native kernel must have shape \(36, 2304\) "
+                     r"\(convolution.transform_kernels .*'winograd4-native'\), got \(6, 6, 48, 48\)"):
     model.apply(winograd.transform_kernels(deploy_vars, name, 'winograd4'), x)
   bf16 = rv.create_model(name, 10, deploy=True, conv_impl='winograd4-native',
                          dtype=jnp.bfloat16)
   with pytest.raises(ValueError, match="computes in float32.*not bfloat16; use 'winograd4'"):
     bf16.apply(winograd.transform_kernels(deploy_vars, name, 'winograd4-native'), x)
+
+
+def test_no_input_channels_give_the_bias():
+  x = jnp.zeros((2, 5, 3, 0))
+  bias = jnp.arange(20.0)
+  packed = winograd.transform_kernel(jnp.zeros((3, 3, 0, 20)), 'winograd4-native')
+  np.testing.assert_array_equal(jax.jit(native.winograd_conv3x3)(x, packed, bias),
+                                jnp.broadcast_to(bias, (2, 5, 3, 20)))
 
 
 def test_a_missing_compiler_is_one_clear_error(tmp_path, monkeypatch):

@@ -20,7 +20,9 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <memory>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -92,12 +94,16 @@ inline Vec Dot(const float (&coef)[A], const Vec (&row)[A], Vec start = Vec{}) {
   return start;
 }
 
-inline void Pause() {
+// Waits a moment for another thread; after ~1000 spins it yields its core instead, in
+// case the thread waited for was preempted.
+inline void Pause(int& spins) {
 #if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#else
-  std::this_thread::yield();
+  if (++spins < 1000) {
+    __builtin_ia32_pause();
+    return;
+  }
 #endif
+  std::this_thread::yield();
 }
 
 // Runs body(phase, i) for every i < sizes[phase], phase after phase, on the calling
@@ -130,7 +136,8 @@ void RunPhases(ffi::ThreadPool& pool, const std::array<int64_t, P>& sizes, const
         (*shared_body)(p, i);
         counters->done[p].fetch_add(1, std::memory_order_release);
       }
-      while (counters->done[p].load(std::memory_order_acquire) < sizes[p]) Pause();
+      for (int spins = 0; counters->done[p].load(std::memory_order_acquire) < sizes[p];)
+        Pause(spins);
     }
   };
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(run)(run));
@@ -281,32 +288,48 @@ void Winograd(ffi::ThreadPool& pool, const Shape& s, const float* x, const float
   }
 }
 
+template <typename Dims>
+std::string Format(const Dims& dims) {
+  std::string text = "[";
+  for (size_t i = 0; i < dims.size(); ++i) text += (i ? ", " : "") + std::to_string(dims[i]);
+  return text + "]";
+}
+
 ffi::Error WinogradConv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> bias,
                            ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), kd = kernel.dimensions(), bd = bias.dimensions();
-  if (xd.size() != 4 || kd.size() != 2 || bd.size() != 1)
+  const auto yd = y->dimensions();
+  const std::string got = "got x " + Format(xd) + ", kernel " + Format(kd) + ", bias " +
+                          Format(bd) + ", y " + Format(yd);
+  if (xd.size() != 4 || kd.size() != 2 || bd.size() != 1 || yd.size() != 4 ||
+      (kd[0] != 16 && kd[0] != 36))
     return ffi::Error::InvalidArgument(
-        "repvgg_winograd_conv3x3: expected x [N, H, W, C], kernel [(m+2)^2, C * out_pad], "
-        "bias [out]");
-  const int m = kd[0] == 16 ? 2 : kd[0] == 36 ? 4 : 0;
-  if (m == 0)
-    return ffi::Error::InvalidArgument(
-        "repvgg_winograd_conv3x3: the kernel needs 16 or 36 positions");
+        "repvgg_winograd_conv3x3: expected x [N, H, W, in], kernel [16 or 36, in * out_pad], "
+        "bias [out], y [N, H, W, out]; " + got);
+  const int m = kd[0] == 16 ? 2 : 4;
   Shape s;
   s.n = xd[0], s.h = xd[1], s.w = xd[2], s.in = xd[3], s.out = bd[0];
   s.th = (s.h + m - 1) / m, s.tw = (s.w + m - 1) / m, s.tiles = s.n * s.th * s.tw;
   s.in_pad = (s.in + kLanes - 1) / kLanes * kLanes;
   s.out_pad = (s.out + kLanes - 1) / kLanes * kLanes;
-  if (kd[1] != s.in * s.out_pad)
-    return ffi::Error::InvalidArgument("repvgg_winograd_conv3x3: kernel and x / bias disagree");
-  if (s.tiles == 0 || s.in == 0 || s.out == 0) return ffi::Error::Success();
-  if (m == 2)
-    Winograd<2>(pool, s, x.typed_data(), kernel.typed_data(), bias.typed_data(),
-                y->typed_data());
-  else
-    Winograd<4>(pool, s, x.typed_data(), kernel.typed_data(), bias.typed_data(),
-                y->typed_data());
+  if (kd[1] != s.in * s.out_pad || yd[0] != s.n || yd[1] != s.h || yd[2] != s.w ||
+      yd[3] != s.out)
+    return ffi::Error::InvalidArgument(
+        "repvgg_winograd_conv3x3: the kernel must be [16 or 36, in * out_pad] (out_pad: out "
+        "rounded up to a multiple of " + std::to_string(kLanes) + ") and y [N, H, W, out]; " +
+        got);
+  if (s.tiles == 0 || s.out == 0) return ffi::Error::Success();
+  try {
+    if (m == 2)
+      Winograd<2>(pool, s, x.typed_data(), kernel.typed_data(), bias.typed_data(),
+                  y->typed_data());
+    else
+      Winograd<4>(pool, s, x.typed_data(), kernel.typed_data(), bias.typed_data(),
+                  y->typed_data());
+  } catch (const std::exception& e) {  // std::bad_alloc of the buffers, for one
+    return ffi::Error::Internal(std::string("repvgg_winograd_conv3x3: ") + e.what());
+  }
   return ffi::Error::Success();
 }
 
