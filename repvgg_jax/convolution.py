@@ -49,7 +49,7 @@ def default_conv_impl(platform: str, dtype: Any = jnp.float32, portable: bool = 
 
   On CPU at float32, Winograd F(4x4,3x3), with a logits error of ~5e-7 relative to the
   training-time model: in the native CPU kernel where it builds here (RepVGG-A0 at 224,
-  batch 1: 1.6x XLA's convolution, docs/benchmarks.md), else as an XLA graph (1.6-2x
+  batch 1: 1.5-1.6x XLA's convolution, docs/benchmarks.md), else as an XLA graph (1.6-2x
   faster than XLA's convolution for the layers with 96 or more channels at batch 8, level
   at 48). ``portable=True`` leaves out the native kernel, for graphs that ``jax.export``
   serializes. Elsewhere (and in reduced precision, where the larger F(4x4) transforms
