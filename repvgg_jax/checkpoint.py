@@ -36,11 +36,14 @@ class CheckpointError(ValueError):
 
 def model_metadata(model: str, num_classes: int, image_size: int,
                    mean: Sequence[float] = IMAGENET_MEAN,
-                   std: Sequence[float] = IMAGENET_STD, **extra: Any) -> dict[str, Any]:
+                   std: Sequence[float] = IMAGENET_STD,
+                   crop_fraction: Optional[float] = None, **extra: Any) -> dict[str, Any]:
   """What a user of a checkpoint needs: model name, classes, input size and normalization
-  (``(pixel - mean) / std`` on RGB pixels in [0, 255])."""
+  (``(pixel - mean) / std`` on RGB pixels in [0, 255]); where known, the evaluation's
+  centre crop (``crop_fraction``; readers fall back on the variant's published one)."""
+  crop = {} if crop_fraction is None else {'crop_fraction': float(crop_fraction)}
   return {'model': model, 'num_classes': int(num_classes), 'image_size': int(image_size),
-          'mean': [float(m) for m in mean], 'std': [float(s) for s in std], **extra}
+          'mean': [float(m) for m in mean], 'std': [float(s) for s in std], **crop, **extra}
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -256,8 +256,9 @@ def convert_training_run(workdir: str, output: str, step: Optional[int] = None,
                           'logits); nothing written')
 
   metadata = checkpoint.model_metadata(
-      run_model, num_classes, image_size, mean, std, structure='deploy',
-      source=os.path.abspath(workdir), step=int(step), conversion_relative_error=error)
+      run_model, num_classes, image_size, mean, std, run.get('config', {}).get('crop_fraction'),
+      structure='deploy', source=os.path.abspath(workdir), step=int(step),
+      conversion_relative_error=error)
   int8_model, int8_images = None, None
   if int8 is not None:
     metadata['int8'], int8_model, int8_images = quantize_deploy(run, deploy_variables, int8,

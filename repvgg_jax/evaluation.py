@@ -98,9 +98,10 @@ def load_weights(model: Optional[str] = None, weights: Optional[str] = None,
     structure, source = metadata.get('structure', 'train'), variables_dir
   if model is not None and metadata.get('model') != model:
     raise EvaluationError(f'{source} holds {metadata.get("model")}, not {model}')
-  config = metadata.get('config') or {}
-  crop_fraction = config.get('crop_fraction',
-                             get_variant(metadata['model']).eval_preprocessing.crop_fraction)
+  # A training run's config, or a variables directory's own entry, says how the run
+  # evaluated; the variant's published crop only where neither does.
+  crop_fraction = metadata.get('crop_fraction', (metadata.get('config') or {}).get(
+      'crop_fraction', get_variant(metadata['model']).eval_preprocessing.crop_fraction))
   return Weights(metadata['model'], variables, structure, num_classes_of(variables),
                  int(metadata['image_size']), float(crop_fraction),
                  tuple(metadata.get('mean', IMAGENET_MEAN)),

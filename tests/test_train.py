@@ -167,19 +167,26 @@ def test_one_device_matches_four_devices(reference_run, tmp_path):
                                                         rel=1e-4)
 
 
+@pytest.mark.parametrize('source', ['workdir', 'deploy variables'])
 def test_evaluate_py_on_the_runs_checkpoint_gives_the_runs_own_evaluation(
-    reference_run, tmp_path, monkeypatch):
+    reference_run, tmp_path, monkeypatch, source):
   import evaluate
   from repvgg_jax import variants
   monkeypatch.setitem(variants.VARIANTS, 'test-tiny', variants.Variant(
       'test-tiny', (1, 1, 1, 1), (0.125, 0.125, 0.125, 0.125)))
   out = tmp_path / 'result.json'
-  assert evaluate.main(['--workdir', str(reference_run), '--dataset', 'fashion_mnist',
-                        '--batch-size', '2000', '--json', str(out)]) == 0
+  # The run evaluates the whole image (crop_fraction 1), not the variant's published
+  # 0.875 crop: the deploy variables directory must say so too.
+  args = (['--workdir', str(reference_run)] if source == 'workdir' else
+          ['--variables', str(reference_run / trainer.DEPLOY_DIR), '--conv-impl',
+           'winograd4-native'])
+  assert evaluate.main(args + ['--dataset', 'fashion_mnist', '--batch-size', '2000',
+                               '--json', str(out)]) == 0
   result, reference = json.loads(out.read_text()), final_eval(read_metrics(reference_run))
-  assert (result['count'], result['image_size']) == (10000, 16)
-  assert result['top1'] == pytest.approx(100 * reference['eval_accuracy'], abs=0.02)
-  assert result['loss'] == pytest.approx(reference['eval_loss'], rel=1e-4)
+  prefix = '' if source == 'workdir' else 'deploy_'
+  assert (result['count'], result['image_size'], result['crop_fraction']) == (10000, 16, 1.0)
+  assert result['top1'] == pytest.approx(100 * reference[f'{prefix}eval_accuracy'], abs=0.02)
+  assert result['loss'] == pytest.approx(reference[f'{prefix}eval_loss'], rel=1e-4)
 
 
 def test_two_processes_match_one_process(reference_run, tmp_path):

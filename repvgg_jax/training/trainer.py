@@ -263,7 +263,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   if lead:
     metadata = checkpoint.model_metadata(
         config.model, info.num_classes, config.eval_image_size, info.mean, info.std,
-        structure='deploy', dataset=config.dataset, eval_accuracy=deployed['accuracy'])
+        config.crop_fraction, structure='deploy', dataset=config.dataset,
+        eval_accuracy=deployed['accuracy'])
     checkpoint.save_variables(os.path.join(workdir, DEPLOY_DIR), deploy_variables, metadata,
                               overwrite=True, this_process_only=True)
   summary.update(step=final_step, images_per_second=images_per_second,
