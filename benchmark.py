@@ -98,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         file=sys.stderr)
   matmul_rate = benchmarking.matmul_tflops(DTYPES[args.dtype])
   structures = args.structures or benchmarking.default_structures(args.dtype)
-  if any(winograd.is_native(s.partition('-')[2]) for s in structures):
+  if any(winograd.is_native(benchmarking.conv_impl_of(s)) for s in structures):
     if jax.default_backend() != 'cpu' or args.dtype != 'float32':
       return cli.fail('benchmark.py', 'the deploy-*-native structures run on CPU at float32 '
                       f'only, not on {jax.default_backend()} at {args.dtype}')

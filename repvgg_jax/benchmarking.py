@@ -57,6 +57,11 @@ TORCH_VARIANTS = {
 }
 
 
+def conv_impl_of(structure: str) -> str:
+  """The ``conv_impl`` a deploy structure of ``JAX_STRUCTURES`` names ('deploy' -> 'xla')."""
+  return structure.partition('-')[2] or 'xla'
+
+
 def default_structures(dtype: str) -> tuple[str, ...]:
   """The training-time graph, XLA's deploy graph, and the fastest deploy graph of the
   default backend when that is another (Winograd on CPU at float32: the native kernel
@@ -202,7 +207,7 @@ def jax_candidates(name: str, structures: Sequence[str], batch_size: int,
       model = quantization.quantized_model(create_model(name, deploy=True, dtype=DTYPES[dtype]))
       variables = _int8_variables(name, image_size)
     else:
-      conv_impl = structure.partition('-')[2] or 'xla'
+      conv_impl = conv_impl_of(structure)
       model = create_model(name, deploy=True, dtype=DTYPES[dtype], conv_impl=conv_impl)
       variables = convolution.transform_kernels(deploy_vars, name, conv_impl)
     variables = jax.device_put(variables)

@@ -74,6 +74,11 @@ def panel_width() -> int:
   return int(library().RepvggWinogradPanelVectors()) * lanes()
 
 
+def _out_pad(cout: int) -> int:
+  """``cout`` rounded up to whole vectors: the out channels the packed kernel holds."""
+  return -(-cout // lanes()) * lanes()
+
+
 def pack_kernel(transformed: Any) -> jax.Array:
   """The ``(m+2)^2 x (in * out_pad)`` kernel the native conv reads, from a Winograd-domain
   kernel ``(m+2, m+2, in, out)`` (``winograd.transform_kernel``).
@@ -88,7 +93,7 @@ def pack_kernel(transformed: Any) -> jax.Array:
   if a != a2 or a not in (4, 6):
     raise ValueError(f'pack_kernel needs a (4|6, 4|6, in, out) Winograd-domain kernel, got '
                      f'shape {jnp.shape(transformed)}')
-  out_pad = -(-cout // lanes()) * lanes()
+  out_pad = _out_pad(cout)
   width = panel_width()
   k = jnp.reshape(jnp.asarray(transformed), (a * a, cin, cout))
   k = jnp.pad(k, ((0, 0), (0, 0), (0, out_pad - cout)))
@@ -101,7 +106,7 @@ def unpack_kernel(packed: jax.Array, cout: int) -> jax.Array:
   ``packed`` (jax.numpy: it also runs on traced kernels)."""
   positions, size = packed.shape
   a = round(positions ** 0.5)
-  out_pad = -(-cout // lanes()) * lanes()
+  out_pad = _out_pad(cout)
   cin = size // out_pad
   panels, offset = [], 0
   for n0 in range(0, out_pad, panel_width()):
